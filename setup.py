@@ -1,0 +1,55 @@
+"""Install skmml: memory-modular, retrieval-augmented classification for scikit-learn."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "skmml" / "__init__.py").read_text()
+).group(1)
+
+EXTRAS = {
+    "clip": ["open_clip_torch>=2.24"],
+    "test": ["pytest>=7", "pytest-cov"],
+    "doc": [
+        "sphinx>=7",
+        "sphinx-gallery>=0.15",
+        "numpydoc>=1.6",
+        "pydata-sphinx-theme>=0.15",
+        "matplotlib>=3.7",
+    ],
+    "benchmark": ["matplotlib>=3.7"],
+}
+
+setup(
+    name="skmml",
+    version=VERSION,
+    description=(
+        "Memory-modular image classification for scikit-learn: kNN visual memory "
+        "and memory-modular learners over a replaceable FAISS-indexed memory."
+    ),
+    long_description=(HERE / "README.rst").read_text(),
+    long_description_content_type="text/x-rst",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    packages=find_packages(include=["skmml", "skmml.*"]),
+    install_requires=[
+        "numpy>=1.24",
+        "scikit-learn>=1.6",
+        "torch>=2.1",
+        "faiss-cpu>=1.8",
+        "joblib>=1.3",
+        "pandas>=2.0",
+        "pyarrow>=14",
+        "tqdm>=4.60",
+    ],
+    extras_require=EXTRAS,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: BSD License",
+    ],
+)

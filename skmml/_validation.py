@@ -1,0 +1,77 @@
+"""Input checks and L2 normalisation shared by the memory and the estimators."""
+
+import numpy as np
+from sklearn.utils import check_array
+
+# Rows whose norm is this close to 1 are taken as already normalised: they are
+# stored as given (no copy), which keeps a saved and re-loaded memory bit-exact.
+_UNIT_NORM_ATOL = 1e-5
+
+
+def check_embeddings(X, *, name="embeddings", dim=None):
+    """Return `X` as a finite, non-empty, C-contiguous float32 matrix.
+
+    Raises a ValueError naming `name` for a wrong shape, NaN or inf, an empty
+    array, or a dimension other than `dim`.
+    """
+    X = check_array(
+        X,
+        dtype=np.float32,
+        order="C",
+        ensure_all_finite=True,
+        ensure_min_samples=1,
+        ensure_min_features=1,
+        input_name=name,
+    )
+    if dim is not None and X.shape[1] != dim:
+        raise ValueError(
+            f"{name} have dimension {X.shape[1]}, but the memory holds "
+            f"{dim}-dimensional embeddings."
+        )
+    return X
+
+
+def l2_normalize(X):
+    """Return the rows of float32 `X` scaled to unit L2 norm, read-only.
+
+    Rows already of unit norm are returned without a copy; all-zero rows stay
+    zero (their cosine similarity to everything is 0), as in
+    :func:`sklearn.preprocessing.normalize`.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+    if np.all(np.abs(norms - 1.0) <= _UNIT_NORM_ATOL):
+        out = X.view()
+    else:
+        norms[norms == 0.0] = 1.0
+        out = X / norms[:, None].astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def check_labels(labels, n, *, name="labels"):
+    """Return `labels` as a 1-D array of length `n`, or raise a ValueError."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got an array of shape {labels.shape}.")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but there are {n} embeddings."
+        )
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise ValueError(f"{name} contains NaN or inf.")
+    if labels.dtype.kind not in "biufUSO":
+        raise ValueError(f"{name} has unsupported dtype {labels.dtype}.")
+    return labels
+
+
+def check_ids(ids, n, *, name="ids"):
+    """Return `ids` as unique int64 of length `n`, or raise a ValueError."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with {n} entries, got shape {ids.shape}.")
+    if n and ids.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integers, got dtype {ids.dtype}.")
+    ids = ids.astype(np.int64, copy=False)
+    if np.unique(ids).shape[0] != n:
+        raise ValueError(f"{name} contains duplicates.")
+    return ids

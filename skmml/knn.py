@@ -1,0 +1,567 @@
+"""KNNVoteClassifier: the "visual memory" of Geirhos et al. (2024)."""
+
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._validation import l2_normalize
+from .memory import Memory
+from .pruning import PRUNING_MODES, item_weights, leave_one_out_neighbors, wrong_neighbor_counts
+from .retrieval import NeighborIndex
+from .voting import VOTING_SCHEMES, staged_winners, tally, vote_weights
+
+
+class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
+    """k-nearest-neighbour classifier over a replaceable memory of embeddings.
+
+    The "visual memory" of Geirhos et al. (2024): a query is classified by
+    the weighted votes of its nearest memory items (cosine similarity over
+    L2-normalised embeddings, searched with FAISS). Knowledge lives in the
+    memory, not in weights: items can be added (:meth:`partial_fit`),
+    forgotten exactly (:meth:`forget`), pruned (:meth:`prune`) or swapped
+    (:meth:`set_memory`) without retraining, and every decision can be
+    explained by the neighbours that voted (:meth:`explain`).
+
+    Parameters
+    ----------
+    n_neighbors : int, default=10
+        Neighbours that vote, ``k``.
+    voting : {"rank", "softmax", "distance", "plurality"} or callable, default="rank"
+        Vote weight of a neighbour with 0-based rank ``i`` and cosine
+        distance ``d``: ``1 / (i + rank_offset)``, ``exp((1 - d) /
+        temperature)``, ``exp(-d) ** distance_exponent`` or ``1``. A callable
+        gets ``(similarities, ranks)`` arrays of shape (n_queries, k) and
+        returns non-negative weights of that shape.
+    rank_offset : float, default=2.0
+        Offset of rank voting; the nearest neighbour weighs ``1 / rank_offset``.
+    temperature : float, default=0.07
+        Temperature of softmax voting.
+    distance_exponent : float, default=1.0
+        Exponent of distance voting.
+    index : str, default="flat"
+        Search index: "flat" (exact), "ivf", "ivfsq8", "ivfpq", "hnsw", or any
+        :func:`faiss.index_factory` string. See :class:`~skmml.retrieval.NeighborIndex`.
+    index_params : dict, default=None
+        FAISS search parameters, e.g. ``{"nprobe": 32}`` or ``{"efSearch": 256}``.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+        Where the index lives; "auto" uses a GPU when FAISS has GPU support
+        and one is present.
+    memory : Memory, default=None
+        A prepared memory. When given, :meth:`fit` uses it as is (its image
+        items vote; text items are ignored) and ``X, y`` only check the
+        input dimension; it is never copied. When None, :meth:`fit` builds the
+        memory from ``X, y``.
+
+    Attributes
+    ----------
+    memory_ : Memory
+        The memory that votes. Its image items have ids ``0 .. n-1`` after
+        ``fit(X, y)``; ids stay stable when items are added or forgotten.
+    classes_ : ndarray of shape (n_classes,)
+        Classes of the memory's image items, sorted.
+    n_features_in_ : int
+        Embedding dimension.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during :term:`fit`, when ``X`` has string
+        column names.
+    pruning_ : dict or None
+        Active pruning: ``{"mode", "threshold", "n_neighbors"}``; None when
+        off. See :meth:`prune` and :meth:`pruning_report`.
+
+    See Also
+    --------
+    sklearn.neighbors.KNeighborsClassifier : kNN with uniform or distance
+        weights over a fixed training set.
+
+    Notes
+    -----
+    **Ties** between classes go to the class whose weighted vote reached
+    the maximum first, scanning neighbours from the nearest (the reference
+    code's rule). :meth:`predict` follows this rule;
+    ``argmax(predict_proba)`` takes the lowest class index on exact ties.
+
+    **Classes grow.** Unlike scikit-learn's ``partial_fit`` convention, where
+    every class must be declared on the first call, :meth:`partial_fit`
+    may add items of new classes at any time; ``classes_`` always lists the
+    classes present in the memory (so forgetting every item of a class
+    removes it). The ``classes`` argument of :meth:`partial_fit` is only
+    checked against ``y``.
+
+    **Exact unlearning.** With the exact ("flat") index, after
+    ``forget(ids)`` every prediction and probability equals that of an
+    estimator fitted from scratch on the remaining items. Approximate
+    indexes never return a forgotten item, but their trained structure
+    (IVF centroids, PQ codebooks) was learnt with it; rebuild the index
+    from the remaining items with ``set_memory(clf.memory_)`` to remove
+    that trace as well.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from skmml import KNNVoteClassifier
+    >>> X, y = load_digits(return_X_y=True)
+    >>> clf = KNNVoteClassifier(n_neighbors=10).fit(X[:1500], y[:1500])
+    >>> round(clf.score(X[1500:], y[1500:]), 3)
+    0.953
+    >>> clf.explain(X[1500:1501]).loc[:2, ["rank", "id", "label", "weight"]]
+       rank    id  label    weight
+    0     0  1343      8  0.500000
+    1     1   589      8  0.333333
+    2     2   523      8  0.250000
+    """
+
+    _parameter_constraints = {
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "voting": [StrOptions(set(VOTING_SCHEMES)), callable],
+        "rank_offset": [Interval(Real, 0, None, closed="neither")],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "distance_exponent": [Interval(Real, 0, None, closed="left")],
+        "index": [str],
+        "index_params": [dict, None],
+        "device": [StrOptions({"auto", "cpu", "cuda"})],
+        "memory": [Memory, None],
+    }
+
+    def __init__(
+        self,
+        n_neighbors=10,
+        *,
+        voting="rank",
+        rank_offset=2.0,
+        temperature=0.07,
+        distance_exponent=1.0,
+        index="flat",
+        index_params=None,
+        device="auto",
+        memory=None,
+    ):
+        self.n_neighbors = n_neighbors
+        self.voting = voting
+        self.rank_offset = rank_offset
+        self.temperature = temperature
+        self.distance_exponent = distance_exponent
+        self.index = index
+        self.index_params = index_params
+        self.device = device
+        self.memory = memory
+
+    # -- building the memory ---------------------------------------------------------
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Build the memory from labelled embeddings, or adopt ``self.memory``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Embeddings. With ``self.memory`` set, only their dimension is
+            checked against it.
+        y : array-like of shape (n_samples,)
+            Labels; required unless ``self.memory`` is set.
+
+        Returns
+        -------
+        self : KNNVoteClassifier
+        """
+        if self.memory is None:
+            X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+            check_classification_targets(y)
+            memory = Memory(X, y)
+        else:
+            memory = self.memory
+            X = validate_data(self, X, dtype=np.float32, order="C")
+            if X.shape[1] != memory.n_features:
+                raise ValueError(
+                    f"X has {X.shape[1]} features but the memory holds "
+                    f"{memory.n_features}-dimensional embeddings."
+                )
+        self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, classes=None):
+        """Add labelled embeddings to the memory, possibly of new classes.
+
+        No retraining happens: the items are indexed and vote from the next
+        prediction on. New items get ids after the largest existing id.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Embeddings to add.
+        y : array-like of shape (n_samples,)
+            Their labels.
+        classes : array-like of shape (n_classes,), default=None
+            Accepted for scikit-learn compatibility: when given, every label
+            in ``y`` must be in it. It does not restrict later calls.
+
+        Returns
+        -------
+        self : KNNVoteClassifier
+        """
+        first = not hasattr(self, "memory_")
+        X, y = validate_data(self, X, y, reset=first, dtype=np.float32, order="C")
+        check_classification_targets(y)
+        if classes is not None:
+            unknown = np.setdiff1d(y, classes)
+            if unknown.size:
+                raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
+        if first:
+            memory = Memory(X, y) if self.memory is None else self.memory.add(X, y)
+            self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None)
+        else:
+            memory = self.memory_.add(X, y)
+            self._adopt(memory, self._index.add(memory.image, X.shape[0]), self.pruning_)
+        return self
+
+    def set_memory(self, memory, mode="replace"):
+        """Replace the memory, or expand it with new items; no retraining.
+
+        Parameters
+        ----------
+        memory : Memory
+            The new memory (``mode="replace"``) or the items to add
+            (``mode="expand"``; ids must not clash with the current memory's).
+        mode : {"replace", "expand"}, default="replace"
+            Replace builds a new index; expand indexes only the added items.
+
+        Returns
+        -------
+        self : KNNVoteClassifier
+        """
+        self._validate_params()
+        if not isinstance(memory, Memory):
+            raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
+        if mode == "expand":
+            check_is_fitted(self)
+            new = self.memory_.expand(memory)
+            n_new = len(new.image) - len(self.memory_.image)
+            self._adopt(new, self._index.add(new.image, n_new), self.pruning_)
+        elif mode == "replace":
+            index = self._new_index().build(_image_bank(memory))
+            self._adopt(memory, index, getattr(self, "pruning_", None))
+            if getattr(self, "n_features_in_", None) != memory.n_features:
+                self.__dict__.pop("feature_names_in_", None)
+            self.n_features_in_ = memory.n_features
+        else:
+            raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
+        return self
+
+    def forget(self, ids):
+        """Remove items from the memory: exact unlearning, no retraining.
+
+        Parameters
+        ----------
+        ids : array-like of int
+            Ids of the items to forget (image or text items).
+
+        Returns
+        -------
+        self : KNNVoteClassifier
+        """
+        check_is_fitted(self)
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        memory = self.memory_.remove(ids)
+        bank = _image_bank(memory, "forget() would leave the memory without image items")
+        if self.pruning_ is not None:
+            self._check_k(self.pruning_["n_neighbors"] + 1, len(bank))
+        removed = ids[self.memory_.image.contains(ids)]
+        self._adopt(memory, self._index.remove(bank, removed), self.pruning_)
+        return self
+
+    def _new_index(self):
+        return NeighborIndex(self.index, self.index_params, self.device)
+
+    def _adopt(self, memory, index, pruning):
+        """Make `memory` (indexed by `index`) the estimator's memory.
+
+        Pruning, when on, is recomputed for the new memory.
+        """
+        bank = memory.image
+        classes, codes = np.unique(bank.labels, return_inverse=True)
+        counts = None
+        if pruning is not None:
+            self._check_k(pruning["n_neighbors"] + 1, len(bank))
+            counts = wrong_neighbor_counts(index, bank, codes, pruning["n_neighbors"])
+        self.pruning_ = pruning
+        self.memory_ = memory
+        self.classes_ = classes
+        self._codes = codes
+        self._index = index
+        self._set_wrong_counts(counts)
+
+    def _set_wrong_counts(self, counts):
+        self._wrong_counts = counts
+        self._item_weight = (
+            None if counts is None
+            else item_weights(counts, self.pruning_["mode"], self.pruning_["threshold"])
+        )
+
+    # -- pruning ---------------------------------------------------------------------
+
+    def prune(self, mode="hard", threshold=1, n_neighbors=None):
+        """Down-weight or exclude memory items that mislead their neighbours.
+
+        Every memory item queries the memory (leave-one-out) and each
+        neighbour of another class gets one wrong-neighbour count. Pruning
+        is recomputed whenever the memory changes and undone by
+        :meth:`unprune`; :meth:`pruning_report` shows which items are
+        affected and why.
+
+        Parameters
+        ----------
+        mode : {"hard", "soft"}, default="hard"
+            "hard" excludes items with ``count >= threshold``: they are skipped
+            and do not consume a rank; a query whose neighbours are all
+            excluded votes unpruned. "soft" multiplies each item's vote by
+            ``1.75 / (1 + count)``.
+        threshold : int, default=1
+            Wrong-neighbour count from which hard pruning excludes an item.
+        n_neighbors : int, default=None
+            Neighbours per leave-one-out query; defaults to ``self.n_neighbors``.
+
+        Returns
+        -------
+        self : KNNVoteClassifier
+        """
+        check_is_fitted(self)
+        if mode not in PRUNING_MODES:
+            raise ValueError(f"mode must be one of {PRUNING_MODES}, got {mode!r}.")
+        if not isinstance(threshold, Integral) or threshold < 1:
+            raise ValueError(f"threshold must be an integer >= 1, got {threshold!r}.")
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        bank = self.memory_.image
+        self._check_k(k + 1, len(bank))
+        counts = wrong_neighbor_counts(self._index, bank, self._codes, k)
+        self.pruning_ = {"mode": mode, "threshold": threshold, "n_neighbors": k}
+        self._set_wrong_counts(counts)
+        return self
+
+    def unprune(self):
+        """Switch pruning off; every memory item votes again. Returns self."""
+        check_is_fitted(self)
+        self.pruning_ = None
+        self._set_wrong_counts(None)
+        return self
+
+    def pruning_report(self):
+        """Per memory item: id, label, wrong-neighbour count, vote multiplier.
+
+        Returns
+        -------
+        report : pandas.DataFrame
+            Columns ``id``, ``label``, ``wrong_count``, ``weight`` (the vote
+            multiplier) and ``excluded``, one row per image item, sorted by
+            decreasing ``wrong_count``.
+        """
+        check_is_fitted(self)
+        if self.pruning_ is None:
+            raise ValueError("Pruning is off; call prune() first.")
+        bank = self.memory_.image
+        report = pd.DataFrame({
+            "id": bank.ids,
+            "label": bank.labels,
+            "wrong_count": self._wrong_counts,
+            "weight": self._item_weight,
+            "excluded": self._item_weight == 0,
+        })
+        return report.sort_values("wrong_count", ascending=False, kind="stable")
+
+    # -- prediction --------------------------------------------------------------------
+
+    def _search(self, X, k=None):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        k = self.n_neighbors if k is None else k
+        self._check_k(k, len(self.memory_.image))
+        return self._index.search(l2_normalize(X), k)
+
+    @staticmethod
+    def _check_k(k, n_items):
+        if k > n_items:
+            raise ValueError(
+                f"n_neighbors={k} is larger than the memory, which holds {n_items} "
+                "image items."
+            )
+
+    def _vote(self, sims, rows):
+        """Class codes, final vote weights and per-prefix winners of each query."""
+        found = rows >= 0
+        safe = np.where(found, rows, 0)
+        codes = self._codes[safe]
+        hard = self.pruning_ is not None and self.pruning_["mode"] == "hard"
+        kept = found & (self._item_weight[safe] > 0) if hard else found
+        weights = self._weights(sims, kept)
+        if self.pruning_ is not None and not hard:
+            weights *= self._item_weight[safe]
+        winners = staged_winners(codes, weights, kept)
+        if hard:
+            # Where a prefix holds only excluded items, exclusion is off for it.
+            off = np.cumsum(kept, axis=1) == 0
+            need = np.flatnonzero(off.any(axis=1) & found[:, 0])
+            if need.size:
+                plain = self._weights(sims[need], found[need])
+                winners[need] = np.where(
+                    off[need], staged_winners(codes[need], plain, found[need]), winners[need]
+                )
+                final_off = need[off[need, -1]]
+                weights[final_off] = self._weights(sims[final_off], found[final_off])
+        return codes, weights, winners
+
+    def _weights(self, sims, kept):
+        ranks = np.cumsum(kept, axis=1) - 1
+        w = vote_weights(
+            sims, ranks, self.voting, rank_offset=self.rank_offset,
+            temperature=self.temperature, distance_exponent=self.distance_exponent,
+        )
+        return np.where(kept, w, 0.0)
+
+    @staticmethod
+    def _winning_codes(codes, winners):
+        return codes[np.arange(codes.shape[0])[:, None], np.maximum(winners, 0)]
+
+    def predict(self, X):
+        """Predict the class of each query by the weighted vote of its neighbours.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Returns
+        -------
+        y : ndarray of shape (n_queries,)
+        """
+        codes, _, winners = self._vote(*self._search(X))
+        return self.classes_[self._winning_codes(codes, winners[:, -1:])[:, 0]]
+
+    def staged_predict(self, X):
+        """Predictions for every ``k = 1 .. n_neighbors`` from one neighbour search.
+
+        Use it to choose ``k`` without searching again: the ``j``-th yielded
+        array equals ``predict(X)`` with ``n_neighbors=j``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Yields
+        ------
+        y : ndarray of shape (n_queries,)
+            Predictions with the ``k`` nearest neighbours, for ``k = 1, 2, ...``.
+        """
+        codes, _, winners = self._vote(*self._search(X))
+        labels = self.classes_[self._winning_codes(codes, winners)]
+        for k in range(labels.shape[1]):
+            yield labels[:, k]
+
+    def predict_proba(self, X):
+        """Votes per class, normalised to sum to one.
+
+        A query whose neighbours all have zero weight gets probability one
+        for its predicted class (its nearest neighbour's).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Returns
+        -------
+        proba : ndarray of shape (n_queries, n_classes)
+            Columns follow ``classes_``.
+        """
+        codes, weights, winners = self._vote(*self._search(X))
+        votes = tally(codes, weights, len(self.classes_))
+        total = votes.sum(axis=1)
+        empty = total == 0
+        if empty.any():
+            best = self._winning_codes(codes[empty], winners[empty, -1:])[:, 0]
+            votes[empty] = 0.0
+            votes[np.flatnonzero(empty), best] = 1.0
+            total[empty] = 1.0
+        return votes / total[:, None]
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Find the nearest memory items of each query (scikit-learn semantics).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Queries. None queries every memory item, excluding itself.
+        n_neighbors : int, default=None
+            Defaults to ``self.n_neighbors``.
+        return_distance : bool, default=True
+            Also return the cosine distances.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, n_neighbors)
+            Cosine distances ``1 - similarity``; only if `return_distance`.
+        ids : ndarray of shape (n_queries, n_neighbors)
+            Memory ids of the neighbours, nearest first (the row indices of
+            the training data as long as no item was forgotten); -1 where an
+            approximate index found fewer items.
+        """
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        if X is None:
+            check_is_fitted(self)
+            bank = self.memory_.image
+            self._check_k(k + 1, len(bank))
+            sims, rows = leave_one_out_neighbors(self._index, bank, k)
+        else:
+            sims, rows = self._search(X, k)
+        ids = np.where(rows >= 0, self.memory_.image.ids[np.maximum(rows, 0)], -1)
+        return (1.0 - sims, ids) if return_distance else ids
+
+    def explain(self, X):
+        """The neighbours behind each decision, one row per (query, neighbour).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Returns
+        -------
+        explanation : pandas.DataFrame
+            Columns ``query`` (row of `X`), ``rank`` (0-based search rank),
+            ``id``, ``label``, ``similarity`` (cosine), ``weight`` (the vote
+            it cast; 0 for an item excluded by hard pruning), then the
+            item's metadata columns.
+        """
+        sims, rows = self._search(X)
+        _, weights, _ = self._vote(sims, rows)
+        n, k = rows.shape
+        found = (rows >= 0).ravel()
+        flat_rows = rows.ravel()[found]
+        bank = self.memory_.image
+        table = pd.DataFrame({
+            "query": np.repeat(np.arange(n), k)[found],
+            "rank": np.tile(np.arange(k), n)[found],
+            "id": bank.ids[flat_rows],
+            "label": bank.labels[flat_rows],
+            "similarity": sims.ravel()[found],
+            "weight": weights.ravel()[found],
+        })
+        metadata = bank.metadata.iloc[flat_rows].reset_index(drop=True)
+        return pd.concat([table, metadata], axis=1) if metadata.shape[1] else table
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        tags.input_tags.allow_nan = False
+        tags.classifier_tags.multi_label = False
+        return tags
+
+
+def _image_bank(memory, message="The memory has no image items to vote with."):
+    if not len(memory.image):
+        raise ValueError(message)
+    return memory.image

@@ -1,0 +1,511 @@
+"""The memory: what a memory-modular classifier knows, held outside its weights."""
+
+import io
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from ._validation import check_embeddings, check_ids, check_labels, l2_normalize
+
+MODALITIES = ("image", "text")
+_FORMAT = "skmml.Memory"
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryBank:
+    """The items of one modality: embeddings, labels, ids and metadata, row-aligned.
+
+    A bank is immutable: its arrays are read-only and every change to a
+    :class:`Memory` builds new banks, sharing the unchanged arrays.
+
+    Attributes
+    ----------
+    embeddings : ndarray of shape (n_items, n_features), float32
+        L2-normalised item embeddings.
+    labels : ndarray of shape (n_items,)
+        Class label of each item.
+    ids : ndarray of shape (n_items,), int64
+        Stable unique item ids; they never change when other items come or go.
+    metadata : pandas.DataFrame with n_items rows
+        Per-item metadata (for example file path, source, caption); may have
+        no columns.
+    """
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    metadata: pd.DataFrame
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    @property
+    def dim(self):
+        """Embedding dimension, or None for an empty bank of unknown width."""
+        return self.embeddings.shape[1] if self.embeddings.shape[1] else None
+
+    def rows_of(self, ids):
+        """Return the row of each id in `ids`; raise a ValueError for unknown ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        sorter = self._sorter
+        if not len(self):
+            pos = np.zeros(ids.shape, dtype=np.int64)
+            found = np.zeros(ids.shape, dtype=bool)
+        else:
+            pos = np.searchsorted(self.ids, ids, sorter=sorter)
+            pos = np.minimum(pos, len(self) - 1)
+            found = self.ids[sorter[pos]] == ids
+        if not np.all(found):
+            raise ValueError(f"Unknown memory ids: {ids[~found][:10].tolist()}.")
+        return sorter[pos]
+
+    def contains(self, ids):
+        """Boolean mask: which of `ids` are items of this bank."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self):
+            return np.zeros(ids.shape, dtype=bool)
+        pos = np.searchsorted(self.ids, ids, sorter=self._sorter)
+        pos = np.minimum(pos, len(self) - 1)
+        return self.ids[self._sorter[pos]] == ids
+
+    @cached_property
+    def _sorter(self):
+        return np.argsort(self.ids, kind="stable")
+
+    def take(self, rows):
+        """Return a new bank with the items at `rows`, in that order."""
+        return _make_bank(
+            self.embeddings[rows],
+            self.labels[rows],
+            self.ids[rows],
+            self.metadata.iloc[rows].reset_index(drop=True),
+        )
+
+    def __getstate__(self):
+        # The id sorter is a cache: rebuilt on demand, never pickled.
+        return {k: v for k, v in self.__dict__.items() if k != "_sorter"}
+
+    def __setstate__(self, state):
+        for key in ("embeddings", "labels", "ids"):
+            state[key] = _readonly(state[key])
+        self.__dict__.update(state)
+
+
+def _readonly(a):
+    a = a.view()
+    a.flags.writeable = False
+    return a
+
+
+def _make_bank(embeddings, labels, ids, metadata):
+    return MemoryBank(_readonly(embeddings), _readonly(labels), _readonly(ids), metadata)
+
+
+def _empty_bank(dim=0, labels_dtype=np.int64):
+    return _make_bank(
+        np.empty((0, dim), dtype=np.float32),
+        np.empty(0, dtype=labels_dtype),
+        np.empty(0, dtype=np.int64),
+        pd.DataFrame(index=pd.RangeIndex(0)),
+    )
+
+
+def _label_kind(labels):
+    return "number" if labels.dtype.kind in "biuf" else "string"
+
+
+def _check_metadata(metadata, n, name):
+    if metadata is None:
+        return pd.DataFrame(index=pd.RangeIndex(n))
+    if not isinstance(metadata, pd.DataFrame):
+        metadata = pd.DataFrame(metadata)
+    if len(metadata) != n:
+        raise ValueError(f"{name} has {len(metadata)} rows but there are {n} embeddings.")
+    return metadata.reset_index(drop=True)
+
+
+def _concat_banks(a, b):
+    """Stack two banks; the caller has checked ids, dimensions and label kinds."""
+    if not len(a):
+        return b
+    if not len(b):
+        return a
+    metadata = pd.concat([a.metadata, b.metadata], ignore_index=True)
+    return _make_bank(
+        np.concatenate([a.embeddings, b.embeddings]),
+        np.concatenate([a.labels, b.labels]),
+        np.concatenate([a.ids, b.ids]),
+        metadata,
+    )
+
+
+class Memory:
+    """An image memory and a text memory of labelled, L2-normalised embeddings.
+
+    The memory is the single home of what skmml's classifiers know. Swapping it
+    changes what a fitted classifier recognises, with no retraining. Each item
+    has a stable unique int64 id (unique across both modalities) that every
+    neighbour-reporting API returns; items given without ids get consecutive
+    ids after the largest existing one, so a memory built from ``n`` images
+    has ids ``0 .. n-1``.
+
+    A ``Memory`` is immutable: :meth:`add`, :meth:`remove`,
+    :meth:`keep_classes`, :meth:`drop_classes` and :meth:`expand` return a new
+    memory that shares every unchanged array with this one, and a call that
+    fails leaves this memory as it was. Copying (``copy.deepcopy``, hence
+    :func:`sklearn.base.clone` of an estimator holding it) returns the same
+    object, so a large memory is never duplicated per estimator or per
+    grid-search candidate.
+
+    Embeddings are L2-normalised once, on the way in. An array that is
+    already float32, C-contiguous and of unit-norm rows is kept by reference
+    without a copy (as scikit-learn's neighbour estimators keep their
+    training data): do not modify it afterwards.
+
+    Parameters
+    ----------
+    image_embeddings : array-like of shape (n_images, n_features), default=None
+        Image embeddings. None for an empty image memory.
+    image_labels : array-like of shape (n_images,), default=None
+        Class of each image item; required with `image_embeddings`.
+    text_embeddings : array-like of shape (n_texts, n_features), default=None
+        Text embeddings in the same space as the images.
+    text_labels : array-like of shape (n_texts,), default=None
+        Class of each text item; required with `text_embeddings`.
+    image_ids, text_ids : array-like of int, default=None
+        Item ids; by default consecutive from 0, images first.
+    image_metadata, text_metadata : pandas.DataFrame or dict, default=None
+        Per-item metadata, one row per item.
+
+    Attributes
+    ----------
+    image, text : MemoryBank
+        The items of each modality.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmml import Memory
+    >>> rng = np.random.default_rng(0)
+    >>> memory = Memory(rng.normal(size=(6, 4)), ["cat", "cat", "dog", "dog", "owl", "owl"])
+    >>> memory
+    Memory(n_images=6, n_texts=0, n_features=4, n_classes=3)
+    >>> memory.image.ids
+    array([0, 1, 2, 3, 4, 5])
+    >>> memory.remove([0, 5]).add(rng.normal(size=(1, 4)), ["emu"]).image.ids
+    array([1, 2, 3, 4, 6])
+    >>> memory.drop_classes(["owl"]).classes
+    array(['cat', 'dog'], dtype='<U3')
+    """
+
+    def __init__(
+        self,
+        image_embeddings=None,
+        image_labels=None,
+        *,
+        text_embeddings=None,
+        text_labels=None,
+        image_ids=None,
+        text_ids=None,
+        image_metadata=None,
+        text_metadata=None,
+    ):
+        banks = {}
+        given = {
+            "image": (image_embeddings, image_labels, image_ids, image_metadata),
+            "text": (text_embeddings, text_labels, text_ids, text_metadata),
+        }
+        next_id = max(
+            (int(np.max(ids)) + 1 for *_, ids, _ in given.values()
+             if ids is not None and len(ids)),
+            default=0,
+        )
+        dim = None
+        for modality, (emb, labels, ids, metadata) in given.items():
+            if emb is None:
+                if labels is not None or ids is not None or metadata is not None:
+                    raise ValueError(f"{modality}_embeddings are missing.")
+                continue
+            bank = _new_bank(emb, labels, ids, metadata, modality, dim, next_id)
+            if ids is None:
+                next_id += len(bank)
+            dim = bank.dim
+            banks[modality] = bank
+        self._set_banks(banks.get("image"), banks.get("text"))
+
+    def _set_banks(self, image, text):
+        filled = [b for b in (image, text) if b is not None and len(b)]
+        if len(filled) == 2:
+            _check_compatible(image, text, "text items")
+        dim = filled[0].dim if filled else 0
+        dtype = filled[0].labels.dtype if filled else np.int64
+        self.image = image if image is not None and len(image) else _empty_bank(dim, dtype)
+        self.text = text if text is not None and len(text) else _empty_bank(dim, dtype)
+
+    @classmethod
+    def _from_banks(cls, image, text):
+        memory = cls.__new__(cls)
+        memory._set_banks(image, text)
+        return memory
+
+    # -- what the memory holds ---------------------------------------------------
+
+    def bank(self, modality):
+        """Return the :class:`MemoryBank` of `modality` ("image" or "text")."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
+        return getattr(self, modality)
+
+    @property
+    def n_features(self):
+        """Embedding dimension, or None while the memory is empty."""
+        return self.image.dim or self.text.dim
+
+    @property
+    def classes(self):
+        """Sorted unique labels over both modalities."""
+        labels = [b.labels for b in (self.image, self.text) if len(b)]
+        if not labels:
+            return np.empty(0, dtype=self.image.labels.dtype)
+        return np.unique(np.concatenate(labels) if len(labels) > 1 else labels[0])
+
+    @property
+    def ids(self):
+        """Ids of all items, images first."""
+        return np.concatenate([self.image.ids, self.text.ids])
+
+    def __len__(self):
+        return len(self.image) + len(self.text)
+
+    def counts(self):
+        """Number of image and text items per class, as a DataFrame."""
+        counts = {}
+        for modality in MODALITIES:
+            labels, n = np.unique(self.bank(modality).labels, return_counts=True)
+            counts[modality] = pd.Series(n, index=labels, dtype=np.int64)
+        table = pd.DataFrame(counts).fillna(0).astype(np.int64)
+        table.index.name = "class"
+        return table
+
+    def __repr__(self):
+        return (
+            f"Memory(n_images={len(self.image)}, n_texts={len(self.text)}, "
+            f"n_features={self.n_features}, n_classes={len(self.classes)})"
+        )
+
+    # -- immutability: copies are the same object ---------------------------------
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # -- changes (each returns a new Memory) -----------------------------------------
+
+    def add(self, embeddings, labels, *, ids=None, metadata=None, modality="image"):
+        """Return a memory with items added to the `modality` bank.
+
+        Without `ids`, the new items get consecutive ids after the largest
+        existing id.
+        """
+        old = self.bank(modality)
+        existing = self.ids
+        next_id = int(existing.max()) + 1 if existing.size else 0
+        new = _new_bank(embeddings, labels, ids, metadata, modality, self.n_features, next_id)
+        clash = np.intersect1d(existing, new.ids)
+        if clash.size:
+            raise ValueError(f"ids already in the memory: {clash[:10].tolist()}.")
+        if len(old):
+            _check_compatible(old, new, f"new {modality} items")
+        other = self.text if modality == "image" else self.image
+        if len(other):
+            _check_compatible(other, new, f"new {modality} items")
+        merged = _concat_banks(old, new)
+        return self._replaced(modality, merged)
+
+    def _replaced(self, modality, bank):
+        if modality == "image":
+            return Memory._from_banks(bank, self.text)
+        return Memory._from_banks(self.image, bank)
+
+    def remove(self, ids):
+        """Return a memory without the items whose id is in `ids`.
+
+        Raises a ValueError if any id is not in the memory.
+        """
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        in_image, in_text = self.image.contains(ids), self.text.contains(ids)
+        unknown = ids[~(in_image | in_text)]
+        if unknown.size:
+            raise ValueError(f"Unknown memory ids: {unknown[:10].tolist()}.")
+        banks = []
+        for bank, mask in ((self.image, in_image), (self.text, in_text)):
+            if mask.any():
+                keep = np.ones(len(bank), dtype=bool)
+                keep[bank.rows_of(ids[mask])] = False
+                bank = bank.take(np.flatnonzero(keep))
+            banks.append(bank)
+        return Memory._from_banks(*banks)
+
+    def keep_classes(self, classes):
+        """Return a memory holding only the items of `classes`."""
+        return self._select_classes(classes, keep=True)
+
+    def drop_classes(self, classes):
+        """Return a memory without the items of `classes`."""
+        return self._select_classes(classes, keep=False)
+
+    def _select_classes(self, classes, keep):
+        classes = np.asarray(classes)
+        if classes.ndim != 1:
+            raise ValueError("classes must be a 1-D list of labels.")
+        unknown = np.setdiff1d(classes, self.classes)
+        if unknown.size:
+            raise ValueError(f"Classes not in the memory: {unknown[:10].tolist()}.")
+        banks = []
+        for bank in (self.image, self.text):
+            mask = np.isin(bank.labels, classes) == keep
+            banks.append(bank if mask.all() else bank.take(np.flatnonzero(mask)))
+        return Memory._from_banks(*banks)
+
+    def expand(self, other, *, reassign_ids=False):
+        """Return the union of this memory and `other` (class-incremental expansion).
+
+        Parameters
+        ----------
+        other : Memory
+            Items to add, both modalities.
+        reassign_ids : bool, default=False
+            Give `other`'s items new consecutive ids after this memory's largest
+            id. Otherwise ids must not clash, and a clash raises a ValueError.
+        """
+        if not isinstance(other, Memory):
+            raise TypeError(f"expand() needs a Memory, got {type(other).__name__}.")
+        if reassign_ids:
+            other = other._renumbered(int(self.ids.max()) + 1 if len(self) else 0)
+        clash = np.intersect1d(self.ids, other.ids)
+        if clash.size:
+            raise ValueError(
+                f"ids in both memories: {clash[:10].tolist()}; "
+                "pass reassign_ids=True to renumber the added items."
+            )
+        for mine in (self.image, self.text):
+            for theirs in (other.image, other.text):
+                if len(mine) and len(theirs):
+                    _check_compatible(mine, theirs, "the other memory")
+        return Memory._from_banks(
+            _concat_banks(self.image, other.image), _concat_banks(self.text, other.text)
+        )
+
+    def _renumbered(self, start):
+        n_image = len(self.image)
+        image, text = self.image, self.text
+        new_image = _make_bank(
+            image.embeddings, image.labels, np.arange(start, start + n_image), image.metadata
+        )
+        new_text = _make_bank(
+            text.embeddings,
+            text.labels,
+            np.arange(start + n_image, start + n_image + len(text)),
+            text.metadata,
+        )
+        return Memory._from_banks(new_image, new_text)
+
+    # -- persistence ---------------------------------------------------------------
+
+    def save(self, path):
+        """Write the memory to `path` (an ``.npz`` archive, no pickle inside).
+
+        Embeddings, labels (any numeric or string dtype) and ids are stored as
+        plain arrays; metadata as Parquet. :meth:`load` restores the memory
+        exactly.
+        """
+        header = {"format": _FORMAT, "version": _FORMAT_VERSION, "banks": {}}
+        arrays = {}
+        for modality in MODALITIES:
+            bank = self.bank(modality)
+            labels = bank.labels
+            header["banks"][modality] = {"labels_dtype": labels.dtype.str}
+            if labels.dtype.kind == "O":
+                labels = labels.astype(str)
+            arrays[f"{modality}_embeddings"] = bank.embeddings
+            arrays[f"{modality}_labels"] = labels
+            arrays[f"{modality}_ids"] = bank.ids
+            if bank.metadata.shape[1]:
+                buffer = io.BytesIO()
+                bank.metadata.to_parquet(buffer, index=False)
+                arrays[f"{modality}_metadata"] = np.frombuffer(buffer.getvalue(), np.uint8)
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path):
+        """Read a memory written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as archive:
+            header = json.loads(archive["header"].tobytes())
+            if header.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a saved skmml Memory.")
+            if header.get("version") != _FORMAT_VERSION:
+                raise ValueError(
+                    f"{path} has Memory format version {header.get('version')}; "
+                    f"this skmml reads version {_FORMAT_VERSION}."
+                )
+            banks = []
+            for modality in MODALITIES:
+                labels = archive[f"{modality}_labels"]
+                labels = labels.astype(np.dtype(header["banks"][modality]["labels_dtype"]))
+                key = f"{modality}_metadata"
+                n = labels.shape[0]
+                metadata = (
+                    pd.read_parquet(io.BytesIO(archive[key].tobytes()))
+                    if key in archive.files
+                    else pd.DataFrame(index=pd.RangeIndex(n))
+                )
+                banks.append(
+                    _make_bank(
+                        archive[f"{modality}_embeddings"],
+                        labels,
+                        archive[f"{modality}_ids"],
+                        metadata,
+                    )
+                )
+        return cls._from_banks(*banks)
+
+
+def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
+    """Validate and normalise new items of one modality into a bank."""
+    emb = check_embeddings(embeddings, name=f"{modality} embeddings", dim=dim)
+    n = emb.shape[0]
+    if labels is None:
+        raise ValueError(f"{modality} labels are missing.")
+    labels = check_labels(labels, n, name=f"{modality} labels")
+    ids = (
+        np.arange(next_id, next_id + n, dtype=np.int64)
+        if ids is None
+        else check_ids(ids, n, name=f"{modality} ids")
+    )
+    metadata = _check_metadata(metadata, n, f"{modality} metadata")
+    return _make_bank(l2_normalize(emb), labels, ids, metadata)
+
+
+def _check_compatible(a, b, what):
+    """Raise a ValueError if banks `a` and `b` cannot live in one memory."""
+    if a.dim != b.dim:
+        raise ValueError(
+            f"Dimension mismatch: {what} have dimension {b.dim}, "
+            f"the memory holds {a.dim}-dimensional embeddings."
+        )
+    if _label_kind(a.labels) != _label_kind(b.labels):
+        raise ValueError(
+            f"Label type mismatch: {what} have {b.labels.dtype} labels, "
+            f"the memory has {a.labels.dtype} labels."
+        )
+    clash = np.intersect1d(a.ids, b.ids)
+    if clash.size:
+        raise ValueError(f"Duplicate ids between banks: {clash[:10].tolist()}.")

@@ -1,0 +1,67 @@
+"""Memory pruning: find the items that mislead their neighbours.
+
+As in the visual-memory reference code, every memory item queries the memory
+(leave-one-out: it never counts as its own neighbour) and each neighbour whose
+label differs from the query's is charged one *wrong-neighbour* count.
+
+- Hard pruning excludes items with ``count >= threshold`` from voting.
+- Soft pruning multiplies each item's vote by ``1.75 / (1 + count)``.
+"""
+
+import numpy as np
+
+PRUNING_MODES = ("hard", "soft")
+SOFT_PRUNING_SCALE = 1.75
+
+
+def leave_one_out_neighbors(index, bank, n_neighbors):
+    """Rows of the `n_neighbors` nearest other items of every item of `bank`.
+
+    Searches ``n_neighbors + 1`` and drops the item itself, as
+    :meth:`sklearn.neighbors.KNeighborsMixin.kneighbors` does with ``X=None``:
+    where duplicates push the item out of its own list, the last column goes.
+
+    Returns
+    -------
+    similarities, rows : ndarrays of shape (n_items, n_neighbors)
+    """
+    n = len(bank)
+    sims, rows = index.search(bank.embeddings, n_neighbors + 1)
+    is_self = rows == np.arange(n)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    is_self &= np.cumsum(is_self, axis=1) == 1
+    keep = ~is_self
+    return sims[keep].reshape(n, n_neighbors), rows[keep].reshape(n, n_neighbors)
+
+
+def wrong_neighbor_counts(index, bank, codes, n_neighbors):
+    """How often each item of `bank` is a neighbour of an item of another class.
+
+    Parameters
+    ----------
+    index : NeighborIndex
+        Index over `bank`.
+    bank : MemoryBank
+        The memory items.
+    codes : ndarray of shape (n_items,)
+        Class index of each item.
+    n_neighbors : int
+        Neighbours per leave-one-out query.
+
+    Returns
+    -------
+    counts : ndarray of shape (n_items,), int64
+    """
+    _, rows = leave_one_out_neighbors(index, bank, n_neighbors)
+    found = rows >= 0
+    wrong = found & (codes[np.where(found, rows, 0)] != codes[:, None])
+    return np.bincount(rows[wrong], minlength=len(bank)).astype(np.int64)
+
+
+def item_weights(counts, mode, threshold):
+    """Per-item vote multiplier: 0/1 for hard pruning, ``1.75/(1+count)`` for soft."""
+    if mode == "hard":
+        return (counts < threshold).astype(np.float64)
+    if mode == "soft":
+        return SOFT_PRUNING_SCALE / (1.0 + counts)
+    raise ValueError(f"Unknown pruning mode {mode!r}; use one of {PRUNING_MODES}.")

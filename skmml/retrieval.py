@@ -1,0 +1,205 @@
+"""Nearest-neighbour retrieval over a memory bank with FAISS.
+
+The index is derived state: it is built from a :class:`~skmml.memory.MemoryBank`,
+kept in step with it by stable item id, and (de)serialised with
+``faiss.serialize_index`` so that estimators holding one pickle with joblib.
+"""
+
+import math
+
+import faiss
+import numpy as np
+
+#: Index shortcuts; ``{nlist}`` is filled in from the memory size at build time.
+INDEX_SHORTCUTS = {
+    "ivf": "IVF{nlist},Flat",
+    "ivfsq8": "IVF{nlist},SQ8",
+    "ivfpq": "IVF{nlist},PQ{m}x8",
+    "hnsw": "HNSW32",
+}
+
+#: Search parameters applied to each shortcut unless the user sets them.
+_DEFAULT_PARAMS = {
+    "ivf": {"nprobe": 16},
+    "ivfsq8": {"nprobe": 16},
+    "ivfpq": {"nprobe": 16},
+    "hnsw": {"efSearch": 128},
+}
+
+
+def faiss_has_gpu():
+    """True when this FAISS build has GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _factory_string(spec, n, d):
+    if spec == "flat":
+        return "Flat"
+    if spec not in INDEX_SHORTCUTS:
+        return spec
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    m = next(m for m in (d // 8, d // 4, d // 2, d, 1) if m and d % m == 0)
+    return INDEX_SHORTCUTS[spec].format(nlist=nlist, m=m)
+
+
+class NeighborIndex:
+    """Inner-product (cosine on normalised vectors) search over a memory bank.
+
+    Parameters
+    ----------
+    index : str, default="flat"
+        "flat" for exact search; "ivf", "ivfsq8", "ivfpq" or "hnsw" for an
+        approximate index sized from the memory; any other string is passed
+        to :func:`faiss.index_factory` (e.g. ``"IVF1024,SQ8"``).
+    params : dict, default=None
+        FAISS search parameters, e.g. ``{"nprobe": 32}`` or
+        ``{"efSearch": 256}``, set with :class:`faiss.ParameterSpace`.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+        Where the index lives. "auto" uses a GPU when FAISS has GPU support
+        and one is present.
+
+    Notes
+    -----
+    Exact search ("flat") reads the bank's embedding array in place (no copy)
+    with :func:`faiss.knn`. Other indexes live in a
+    :class:`faiss.IndexIDMap2` keyed by the bank's stable item ids, so
+    adding and removing items never renumbers; index types that cannot remove
+    (HNSW) are rebuilt from the remaining items instead. GPU indexes cannot
+    hold ids: they are addressed by row and rebuilt on removal.
+    """
+
+    def __init__(self, index="flat", params=None, device="auto"):
+        self.index = index
+        self.params = params
+        self.device = device
+
+    # -- building and updating ---------------------------------------------------
+
+    def build(self, bank):
+        """Index all items of `bank`; return self."""
+        if not len(bank):
+            raise ValueError("Cannot index an empty memory.")
+        self.bank_ = bank
+        self.on_gpu_ = self.by_row_ = self._wants_gpu()
+        if self.index == "flat" and not self.on_gpu_:
+            self.faiss_index_ = None
+            return self
+        spec = _factory_string(self.index, len(bank), bank.dim)
+        try:
+            core = faiss.index_factory(bank.dim, spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ValueError(f"Invalid FAISS index {self.index!r}: {exc}") from None
+        if not core.is_trained:
+            core.train(bank.embeddings)
+        if self.on_gpu_:
+            self.faiss_index_ = self._to_gpu(core)
+            self.faiss_index_.add(bank.embeddings)
+        else:
+            self.faiss_index_ = faiss.IndexIDMap2(core)
+            self.faiss_index_.add_with_ids(bank.embeddings, bank.ids)
+        self._set_search_params()
+        return self
+
+    def add(self, bank, n_new):
+        """Follow `bank`, whose last `n_new` rows are new items; return self."""
+        if self.faiss_index_ is not None:
+            new = slice(len(bank) - n_new, len(bank))
+            if self.by_row_:
+                self.faiss_index_.add(bank.embeddings[new])
+            else:
+                self.faiss_index_.add_with_ids(bank.embeddings[new], bank.ids[new])
+        self.bank_ = bank
+        return self
+
+    def remove(self, bank, ids):
+        """Follow `bank`, from which the items `ids` were removed; return self."""
+        if self.faiss_index_ is None:
+            self.bank_ = bank
+            return self
+        if self.by_row_:
+            return self.build(bank)
+        try:
+            removed = self.faiss_index_.remove_ids(
+                faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+            )
+        except RuntimeError:
+            return self.build(bank)
+        if removed != len(ids):
+            raise RuntimeError(f"FAISS removed {removed} of {len(ids)} items.")
+        self.bank_ = bank
+        return self
+
+    # -- searching -------------------------------------------------------------------
+
+    def search(self, queries, k):
+        """Return (similarities, rows) of the `k` nearest items of each query.
+
+        `queries` are L2-normalised float32 rows. `rows` index the bank's
+        arrays; an approximate index that finds fewer than `k` items pads
+        with row -1 and similarity -inf.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.faiss_index_ is None:
+            sims, rows = faiss.knn(
+                queries, self.bank_.embeddings, k, metric=faiss.METRIC_INNER_PRODUCT
+            )
+            return sims, rows
+        sims, labels = self.faiss_index_.search(queries, k)
+        missing = labels < 0
+        if self.by_row_:
+            rows = labels
+        else:
+            rows = np.full(labels.shape, -1, dtype=np.int64)
+            rows[~missing] = self.bank_.rows_of(labels[~missing])
+        sims[missing] = -np.inf
+        return sims, rows
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _wants_gpu(self):
+        if self.device == "cuda" and not faiss_has_gpu():
+            raise ValueError("device='cuda' but FAISS has no GPU support or sees no GPU.")
+        return self.device == "cuda" or (self.device == "auto" and faiss_has_gpu())
+
+    def _to_gpu(self, core):
+        self._gpu_resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(self._gpu_resources, 0, core)
+
+    def _set_search_params(self):
+        params = dict(_DEFAULT_PARAMS.get(self.index, {}))
+        params.update(self.params or {})
+        space = faiss.GpuParameterSpace() if self.on_gpu_ else faiss.ParameterSpace()
+        for key, value in params.items():
+            try:
+                space.set_index_parameter(self.faiss_index_, key, value)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"Search parameter {key}={value!r} does not apply to index "
+                    f"{self.index!r}: {exc}"
+                ) from None
+
+    # -- pickling: FAISS indexes are not picklable; serialise them -----------------
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k != "_gpu_resources"}
+        if self.faiss_index_ is not None:
+            index = self.faiss_index_
+            if self.on_gpu_:
+                index = faiss.index_gpu_to_cpu(index)
+            state["faiss_index_"] = faiss.serialize_index(index)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.faiss_index_ is None:
+            return
+        index = faiss.deserialize_index(self.faiss_index_)
+        self.on_gpu_ = self.on_gpu_ and self.device != "cpu" and faiss_has_gpu()
+        if self.on_gpu_:
+            index = self._to_gpu(index)
+        elif self.index == "flat":
+            # Exact search on the CPU reads the bank in place: drop the copy.
+            self.by_row_, index = False, None
+        self.faiss_index_ = index
+        if index is not None:
+            self._set_search_params()

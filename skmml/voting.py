@@ -1,0 +1,122 @@
+"""Neighbour vote weights and their aggregation into class decisions.
+
+The weights follow the aggregators of the visual-memory reference code
+(Geirhos et al., 2024), with 0-based neighbour rank ``i`` and cosine
+distance ``d = 1 - s`` for cosine similarity ``s``:
+
+======================  ===========================================
+voting                  weight of a neighbour
+======================  ===========================================
+``"plurality"``         ``1``
+``"distance"``          ``exp(-d) ** distance_exponent``
+``"rank"``              ``1 / (i + rank_offset)``
+``"softmax"``           ``exp((1 - d) / temperature)``
+======================  ===========================================
+
+Ties between classes go to the class whose weighted vote reached the
+maximum first, scanning neighbours from the nearest: that is, the class whose
+last contributing neighbour is nearest.
+"""
+
+import numpy as np
+
+VOTING_SCHEMES = ("rank", "softmax", "distance", "plurality")
+
+# Queries per block in staged_winners: bounds its (block, k, k) work arrays.
+_CHUNK_ELEMENTS = 2**22
+
+
+def vote_weights(similarities, ranks, voting, *, rank_offset=2.0, temperature=0.07,
+                 distance_exponent=1.0):
+    """Return the float64 vote weight of each neighbour.
+
+    Parameters
+    ----------
+    similarities : ndarray of shape (n_queries, k)
+        Cosine similarity of each neighbour to its query.
+    ranks : ndarray of shape (n_queries, k)
+        0-based rank of each neighbour among those that vote.
+    voting : {"rank", "softmax", "distance", "plurality"} or callable
+        A callable gets ``(similarities, ranks)`` and returns non-negative
+        weights of the same shape.
+    rank_offset, temperature, distance_exponent : float
+        Parameters of the "rank", "softmax" and "distance" schemes.
+
+    Returns
+    -------
+    weights : ndarray of shape (n_queries, k), float64
+    """
+    s = similarities.astype(np.float64)
+    if callable(voting):
+        w = np.asarray(voting(s, ranks), dtype=np.float64)
+        if w.shape != s.shape:
+            raise ValueError(
+                f"The voting callable returned shape {w.shape}, expected {s.shape}."
+            )
+        if not np.all(w >= 0):
+            raise ValueError("The voting callable returned negative or NaN weights.")
+        return w
+    if voting == "plurality":
+        return np.ones_like(s)
+    if voting == "rank":
+        return 1.0 / (ranks + rank_offset)
+    if voting == "distance":
+        return np.exp(-(1.0 - s)) ** distance_exponent
+    if voting == "softmax":
+        with np.errstate(over="ignore"):
+            w = np.exp(s / temperature)
+        if not np.all(np.isfinite(w[np.isfinite(s)])):
+            raise ValueError(
+                f"temperature={temperature} is too small: softmax votes overflow float64."
+            )
+        return w
+    raise ValueError(f"Unknown voting scheme {voting!r}; use one of {VOTING_SCHEMES}.")
+
+
+def tally(codes, weights, n_classes):
+    """Sum the weights per class: (n_queries, n_classes) float64 votes.
+
+    `codes` are class indices in ``[0, n_classes)`` of shape (n_queries, k).
+    """
+    n = codes.shape[0]
+    flat = (codes + n_classes * np.arange(n)[:, None]).ravel()
+    votes = np.bincount(flat, weights=weights.ravel(), minlength=n * n_classes)
+    return votes.reshape(n, n_classes)
+
+
+def staged_winners(codes, weights, contributes):
+    """Winning neighbour position for every prefix of the neighbour list.
+
+    Parameters
+    ----------
+    codes : ndarray of shape (n_queries, k)
+        Class index of each neighbour.
+    weights : ndarray of shape (n_queries, k)
+        Non-negative vote weight of each neighbour.
+    contributes : ndarray of bool of shape (n_queries, k)
+        Whether the neighbour votes at all (False for excluded or missing ones).
+
+    Returns
+    -------
+    winner : ndarray of shape (n_queries, k), int
+        ``winner[q, j]`` is the position, among the first ``j + 1``
+        neighbours of query ``q``, of the neighbour whose vote brought its
+        class to the maximum first; its class wins that prefix. It is -1 when
+        no neighbour in the prefix contributes.
+    """
+    n, k = codes.shape
+    chunk = max(1, _CHUNK_ELEMENTS // (k * k))
+    if n > chunk:
+        return np.concatenate([
+            staged_winners(codes[i:i + chunk], weights[i:i + chunk], contributes[i:i + chunk])
+            for i in range(0, n, chunk)
+        ])
+    same = codes[:, :, None] == codes[:, None, :]
+    same &= np.tril(np.ones((k, k), dtype=bool))
+    # cumulative[q, j]: vote of neighbour j's class over neighbours 0..j.
+    cumulative = np.matmul(same.astype(np.float64), weights[:, :, None])[:, :, 0]
+    cumulative[~contributes] = -np.inf
+    running = np.maximum.accumulate(cumulative, axis=1)
+    before = np.concatenate([np.full((n, 1), -np.inf), running[:, :-1]], axis=1)
+    positions = np.where(cumulative > before, np.arange(k), -1)
+    return np.maximum.accumulate(positions, axis=1)
