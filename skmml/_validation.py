@@ -25,7 +25,7 @@ def check_embeddings(X, *, name="embeddings", dim=None):
     )
     if dim is not None and X.shape[1] != dim:
         raise ValueError(
-            f"{name} have dimension {X.shape[1]}, but the memory holds "
+            f"Dimension mismatch: {name} have dimension {X.shape[1]}, but the memory holds "
             f"{dim}-dimensional embeddings."
         )
     return X
@@ -39,7 +39,7 @@ def l2_normalize(X):
     :func:`sklearn.preprocessing.normalize`.
     """
     norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
-    if np.all(np.abs(norms - 1.0) <= _UNIT_NORM_ATOL):
+    if np.all((np.abs(norms - 1.0) <= _UNIT_NORM_ATOL) | (norms == 0.0)):
         out = X.view()
     else:
         norms[norms == 0.0] = 1.0

@@ -196,8 +196,8 @@ class Memory:
     Memory(n_images=6, n_texts=0, n_features=4, n_classes=3)
     >>> memory.image.ids
     array([0, 1, 2, 3, 4, 5])
-    >>> memory.remove([0, 5]).add(rng.normal(size=(1, 4)), ["emu"]).image.ids
-    array([1, 2, 3, 4, 6])
+    >>> memory.remove([0, 1]).add(rng.normal(size=(1, 4)), ["emu"]).image.ids
+    array([2, 3, 4, 5, 6])
     >>> memory.drop_classes(["owl"]).classes
     array(['cat', 'dog'], dtype='<U3')
     """

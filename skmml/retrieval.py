@@ -38,7 +38,7 @@ def _factory_string(spec, n, d):
     if spec not in INDEX_SHORTCUTS:
         return spec
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-    m = next(m for m in (d // 8, d // 4, d // 2, d, 1) if m and d % m == 0)
+    m = next(m for m in (d // 4, d // 2, d) if m and d % m == 0)
     return INDEX_SHORTCUTS[spec].format(nlist=nlist, m=m)
 
 
@@ -61,9 +61,9 @@ class NeighborIndex:
     Notes
     -----
     Exact search ("flat") reads the bank's embedding array in place (no copy)
-    with :func:`faiss.knn`. Other indexes live in a
-    :class:`faiss.IndexIDMap2` keyed by the bank's stable item ids, so
-    adding and removing items never renumbers; index types that cannot remove
+    with :func:`faiss.knn`. Other indexes are keyed by the bank's stable item
+    ids (IVF indexes natively, the others through :class:`faiss.IndexIDMap2`),
+    so adding and removing items never renumbers; index types that cannot remove
     (HNSW) are rebuilt from the remaining items instead. GPU indexes cannot
     hold ids: they are addressed by row and rebuilt on removal.
     """
@@ -95,7 +95,10 @@ class NeighborIndex:
             self.faiss_index_ = self._to_gpu(core)
             self.faiss_index_.add(bank.embeddings)
         else:
-            self.faiss_index_ = faiss.IndexIDMap2(core)
+            # IVF indexes store ids natively (and an IDMap over them breaks on
+            # removal); the others get an IDMap2.
+            ivf = faiss.try_extract_index_ivf(core) is not None
+            self.faiss_index_ = core if ivf else faiss.IndexIDMap2(core)
             self.faiss_index_.add_with_ids(bank.embeddings, bank.ids)
         self._set_search_params()
         return self

@@ -1,0 +1,120 @@
+import joblib
+import numpy as np
+import pytest
+
+from skmml import Memory
+from skmml.retrieval import NeighborIndex
+
+INDEXES = ["flat", "Flat", "ivf", "ivfsq8", "ivfpq", "hnsw", "IVF8,Flat"]
+
+
+@pytest.fixture(scope="module")
+def bank():
+    rng = np.random.default_rng(0)
+    return Memory(rng.normal(size=(800, 16)), rng.integers(0, 5, 800)).image
+
+
+@pytest.fixture(scope="module")
+def queries():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(40, 16)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def _exact(bank, queries, k):
+    sims = queries @ bank.embeddings.T
+    rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, rows, axis=1), rows
+
+
+def test_flat_search_is_exact_and_reads_the_bank_in_place(bank, queries):
+    index = NeighborIndex("flat", device="cpu").build(bank)
+    assert index.faiss_index_ is None and index.bank_.embeddings is bank.embeddings
+    sims, rows = index.search(queries, 7)
+    exact_sims, exact_rows = _exact(bank, queries, 7)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_allclose(sims, exact_sims, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", INDEXES)
+def test_every_index_type_finds_the_nearest_items(bank, queries, spec):
+    params = {"nprobe": 64} if spec.lower().startswith("ivf") else None
+    index = NeighborIndex(spec, params=params, device="cpu").build(bank)
+    _, rows = index.search(queries, 5)
+    _, exact_rows = _exact(bank, queries, 5)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows, exact_rows)])
+    assert recall >= (0.6 if spec == "ivfpq" else 0.9)
+
+
+@pytest.mark.parametrize("spec", ["flat", "ivf", "hnsw"])
+def test_removed_items_never_come_back_and_rows_follow_stable_ids(bank, queries, spec):
+    index = NeighborIndex(spec, params={"nprobe": 64} if spec == "ivf" else None,
+                          device="cpu").build(bank)
+    _, rows = index.search(queries, 3)
+    gone = np.unique(bank.ids[rows[:, 0]])
+    memory = Memory._from_banks(bank, None).remove(gone)
+    index.remove(memory.image, gone)
+    _, new_rows = index.search(queries, 3)
+    found_ids = memory.image.ids[new_rows]
+    assert not np.isin(found_ids, gone).any()
+    # Rows point at the right items of the new bank: their ids are unchanged.
+    sims_new = np.einsum("qd,qkd->qk", queries, memory.image.embeddings[new_rows])
+    np.testing.assert_allclose(index.search(queries, 3)[0], sims_new, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["flat", "ivf", "hnsw"])
+def test_added_items_are_found_by_id(bank, spec):
+    index = NeighborIndex(spec, params={"nprobe": 64} if spec == "ivf" else None,
+                          device="cpu").build(bank)
+    rng = np.random.default_rng(5)
+    memory = Memory._from_banks(bank, None).add(rng.normal(size=(3, 16)), [9, 9, 9])
+    index.add(memory.image, 3)
+    _, rows = index.search(memory.image.embeddings[-3:], 1)
+    np.testing.assert_array_equal(memory.image.ids[rows[:, 0]], [800, 801, 802])
+
+
+@pytest.mark.parametrize("spec", INDEXES)
+def test_pickle_round_trip_gives_identical_results(bank, queries, spec, tmp_path):
+    index = NeighborIndex(spec, params={"nprobe": 4} if "ivf" in spec.lower() else None,
+                          device="cpu").build(bank)
+    joblib.dump(index, tmp_path / "index.joblib")
+    loaded = joblib.load(tmp_path / "index.joblib")
+    for a, b in zip(index.search(queries, 6), loaded.search(queries, 6)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_index_or_parameter_is_a_clear_error(bank):
+    with pytest.raises(ValueError, match="Invalid FAISS index 'IVFbanana'"):
+        NeighborIndex("IVFbanana", device="cpu").build(bank)
+    with pytest.raises(ValueError, match="nprobe"):
+        NeighborIndex("hnsw", params={"nprobe": 3}, device="cpu").build(bank)
+    with pytest.raises(ValueError, match="empty memory"):
+        NeighborIndex("flat").build(Memory().image)
+
+
+def test_cuda_without_gpu_faiss_is_a_clear_error(bank):
+    from skmml.retrieval import faiss_has_gpu
+
+    if faiss_has_gpu():
+        pytest.skip("this machine has GPU FAISS")
+    with pytest.raises(ValueError, match="no GPU support"):
+        NeighborIndex("flat", device="cuda").build(bank)
+
+
+@pytest.mark.parametrize("spec", ["flat", "IVF8,Flat"])
+def test_gpu_index_matches_cpu_and_survives_pickling(bank, queries, spec, tmp_path):
+    from skmml.retrieval import faiss_has_gpu
+
+    if not faiss_has_gpu():
+        pytest.skip("needs FAISS with GPU support and a GPU")
+    params = {"nprobe": 8} if spec != "flat" else None
+    cpu = NeighborIndex(spec, params=params, device="cpu").build(bank)
+    gpu = NeighborIndex(spec, params=params, device="cuda").build(bank)
+    assert gpu.on_gpu_
+    np.testing.assert_array_equal(cpu.search(queries, 5)[1], gpu.search(queries, 5)[1])
+    joblib.dump(gpu, tmp_path / "gpu.joblib")
+    loaded = joblib.load(tmp_path / "gpu.joblib")
+    np.testing.assert_array_equal(loaded.search(queries, 5)[1], gpu.search(queries, 5)[1])
+    memory = Memory._from_banks(bank, None).remove([int(bank.ids[0])])
+    gpu.remove(memory.image, [int(bank.ids[0])])
+    assert not np.isin(memory.image.ids[gpu.search(queries, 5)[1]], [bank.ids[0]]).any()
