@@ -12,7 +12,7 @@ VERSION = re.search(
 
 EXTRAS = {
     "clip": ["open_clip_torch>=2.24"],
-    "test": ["pytest>=7", "pytest-cov"],
+    "test": ["pytest>=7", "matplotlib>=3.7"],
     "doc": [
         "sphinx>=7",
         "sphinx-gallery>=0.15",

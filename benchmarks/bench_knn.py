@@ -159,13 +159,9 @@ def rss_bytes():
 
 def peak_rss_bytes():
     # VmHWM is the peak RSS of this process image. resource.getrusage's
-    # ru_maxrss would do on its own, but a spawned child inherits the peak of
-    # the parent that forked it in ru_maxrss; the larger of the two is the
-    # child's own peak whenever the parent stayed smaller, as it does here.
-    import resource
-
-    return min(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               _status_bytes("VmHWM"))
+    # ru_maxrss is not used: a spawned child inherits in it the peak of the
+    # parent that forked it, whatever the child itself did.
+    return _status_bytes("VmHWM")
 
 
 def best_time(fn, repeats):
@@ -404,7 +400,7 @@ def bench_size(args, n, machine, n_queries, n_single, repeats, summary):
         ann_ok = best["speedup"] >= TARGETS["ann_speedup"]
         print(f"Fastest within 1 accuracy point of exact: {ann_text}")
 
-    summary += [
+    summary.extend([
         (n, "batched predict / raw FAISS search time",
          f"{overhead:.3f}", f"<= {TARGETS['search_overhead']}",
          _pass(overhead <= TARGETS["search_overhead"])),
@@ -416,7 +412,7 @@ def bench_size(args, n, machine, n_queries, n_single, repeats, summary):
          _pass(ours["peak rise / raw"] <= TARGETS["peak_vs_raw"])),
         (n, "approximate speedup within 1 accuracy point",
          ann_text, f">= {TARGETS['ann_speedup']}x", _pass(ann_ok)),
-    ]
+    ])
 
 
 def main():
@@ -453,7 +449,7 @@ def main():
 
     print("\n=== Summary ===")
     _print_table(pd.DataFrame(summary, columns=["N", "target", "measured", "goal", "result"]),
-                 N="{:,}".format)
+                 N="{:,}")
     print(f"\ntotal time {time.perf_counter() - start:.0f} s")
 
 
