@@ -51,6 +51,9 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     device : {"auto", "cpu", "cuda"}, default="auto"
         Where the index lives; "auto" uses a GPU when FAISS has GPU support
         and one is present.
+    verbose : int, default=0
+        Show progress bars on long searches (pruning's memory-vs-memory
+        search, large query sets).
     memory : Memory, default=None
         A prepared memory. When given, :meth:`fit` uses it as is (its image
         items vote; text items are ignored) and ``X, y`` only check the
@@ -124,6 +127,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         "index": [str],
         "index_params": [dict, None],
         "device": [StrOptions({"auto", "cpu", "cuda"})],
+        "verbose": ["verbose"],
         "memory": [Memory, None],
     }
 
@@ -138,6 +142,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         index="flat",
         index_params=None,
         device="auto",
+        verbose=0,
         memory=None,
     ):
         self.n_neighbors = n_neighbors
@@ -148,6 +153,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         self.index = index
         self.index_params = index_params
         self.device = device
+        self.verbose = verbose
         self.memory = memory
 
     # -- building the memory ---------------------------------------------------------
@@ -287,7 +293,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         counts = None
         if pruning is not None:
             self._check_k(pruning["n_neighbors"] + 1, len(bank))
-            counts = wrong_neighbor_counts(index, bank, codes, pruning["n_neighbors"])
+            counts = wrong_neighbor_counts(index, bank, codes, pruning["n_neighbors"],
+                                           bool(self.verbose))
         self.pruning_ = pruning
         self.memory_ = memory
         self.classes_ = classes
@@ -337,7 +344,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         bank = self.memory_.image
         self._check_k(k + 1, len(bank))
-        counts = wrong_neighbor_counts(self._index, bank, self._codes, k)
+        counts = wrong_neighbor_counts(self._index, bank, self._codes, k, bool(self.verbose))
         self.pruning_ = {"mode": mode, "threshold": threshold, "n_neighbors": k}
         self._set_wrong_counts(counts)
         return self
@@ -379,7 +386,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
         k = self.n_neighbors if k is None else k
         self._check_k(k, len(self.memory_.image))
-        return self._index.search(l2_normalize(X), k)
+        return self._index.search(l2_normalize(X), k, verbose=bool(self.verbose))
 
     @staticmethod
     def _check_k(k, n_items):
@@ -514,7 +521,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             check_is_fitted(self)
             bank = self.memory_.image
             self._check_k(k + 1, len(bank))
-            sims, rows = leave_one_out_neighbors(self._index, bank, k)
+            sims, rows = leave_one_out_neighbors(self._index, bank, k, bool(self.verbose))
         else:
             sims, rows = self._search(X, k)
         ids = np.where(rows >= 0, self.memory_.image.ids[np.maximum(rows, 0)], -1)

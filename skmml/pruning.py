@@ -14,7 +14,7 @@ PRUNING_MODES = ("hard", "soft")
 SOFT_PRUNING_SCALE = 1.75
 
 
-def leave_one_out_neighbors(index, bank, n_neighbors):
+def leave_one_out_neighbors(index, bank, n_neighbors, verbose=False):
     """Rows of the `n_neighbors` nearest other items of every item of `bank`.
 
     Searches ``n_neighbors + 1`` and drops the item itself, as
@@ -26,7 +26,7 @@ def leave_one_out_neighbors(index, bank, n_neighbors):
     similarities, rows : ndarrays of shape (n_items, n_neighbors)
     """
     n = len(bank)
-    sims, rows = index.search(bank.embeddings, n_neighbors + 1)
+    sims, rows = index.search(bank.embeddings, n_neighbors + 1, verbose=verbose)
     is_self = rows == np.arange(n)[:, None]
     is_self[~is_self.any(axis=1), -1] = True
     is_self &= np.cumsum(is_self, axis=1) == 1
@@ -34,7 +34,7 @@ def leave_one_out_neighbors(index, bank, n_neighbors):
     return sims[keep].reshape(n, n_neighbors), rows[keep].reshape(n, n_neighbors)
 
 
-def wrong_neighbor_counts(index, bank, codes, n_neighbors):
+def wrong_neighbor_counts(index, bank, codes, n_neighbors, verbose=False):
     """How often each item of `bank` is a neighbour of an item of another class.
 
     Parameters
@@ -47,12 +47,14 @@ def wrong_neighbor_counts(index, bank, codes, n_neighbors):
         Class index of each item.
     n_neighbors : int
         Neighbours per leave-one-out query.
+    verbose : bool, default=False
+        Show a progress bar over the memory-vs-memory search.
 
     Returns
     -------
     counts : ndarray of shape (n_items,), int64
     """
-    _, rows = leave_one_out_neighbors(index, bank, n_neighbors)
+    _, rows = leave_one_out_neighbors(index, bank, n_neighbors, verbose)
     found = rows >= 0
     wrong = found & (codes[np.where(found, rows, 0)] != codes[:, None])
     return np.bincount(rows[wrong], minlength=len(bank)).astype(np.int64)

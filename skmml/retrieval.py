@@ -9,6 +9,10 @@ import math
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
+
+#: Queries per block when a search shows a progress bar.
+SEARCH_BLOCK = 16384
 
 #: Index shortcuts; ``{nlist}`` is filled in from the memory size at build time.
 INDEX_SHORTCUTS = {
@@ -134,19 +138,29 @@ class NeighborIndex:
 
     # -- searching -------------------------------------------------------------------
 
-    def search(self, queries, k):
+    def search(self, queries, k, verbose=False):
         """Return (similarities, rows) of the `k` nearest items of each query.
 
         `queries` are L2-normalised float32 rows. `rows` index the bank's
         arrays; an approximate index that finds fewer than `k` items pads
-        with row -1 and similarity -inf.
+        with row -1 and similarity -inf. With `verbose`, large query sets are
+        searched in blocks under a progress bar.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.faiss_index_ is None:
-            sims, rows = faiss.knn(
-                queries, self.bank_.embeddings, k, metric=faiss.METRIC_INNER_PRODUCT
-            )
+        n = queries.shape[0]
+        if verbose and n > SEARCH_BLOCK:
+            sims = np.empty((n, k), dtype=np.float32)
+            rows = np.empty((n, k), dtype=np.int64)
+            for start in tqdm(range(0, n, SEARCH_BLOCK), desc="searching", unit="block"):
+                block = slice(start, start + SEARCH_BLOCK)
+                sims[block], rows[block] = self._search(queries[block], k)
             return sims, rows
+        return self._search(queries, k)
+
+    def _search(self, queries, k):
+        if self.faiss_index_ is None:
+            return faiss.knn(queries, self.bank_.embeddings, k,
+                             metric=faiss.METRIC_INNER_PRODUCT)
         sims, labels = self.faiss_index_.search(queries, k)
         missing = labels < 0
         if self.by_row_:

@@ -118,3 +118,15 @@ def test_gpu_index_matches_cpu_and_survives_pickling(bank, queries, spec, tmp_pa
     memory = Memory._from_banks(bank, None).remove([int(bank.ids[0])])
     gpu.remove(memory.image, [int(bank.ids[0])])
     assert not np.isin(memory.image.ids[gpu.search(queries, 5)[1]], [bank.ids[0]]).any()
+
+
+def test_verbose_search_shows_progress_and_gives_the_same_result(bank, monkeypatch, capsys):
+    import skmml.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "SEARCH_BLOCK", 100)
+    index = NeighborIndex("flat", device="cpu").build(bank)
+    quiet = index.search(bank.embeddings, 4)
+    loud = index.search(bank.embeddings, 4, verbose=True)
+    assert "searching" in capsys.readouterr().err
+    for a, b in zip(quiet, loud):
+        np.testing.assert_array_equal(a, b)
