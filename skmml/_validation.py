@@ -38,7 +38,7 @@ def l2_normalize(X):
     zero (their cosine similarity to everything is 0), as in
     :func:`sklearn.preprocessing.normalize`.
     """
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
     if np.all((np.abs(norms - 1.0) <= _UNIT_NORM_ATOL) | (norms == 0.0)):
         out = X.view()
     else:
