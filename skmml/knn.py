@@ -70,7 +70,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     n_features_in_ : int
         Embedding dimension.
     feature_names_in_ : ndarray of shape (n_features_in_,)
-        Names of features seen during :term:`fit`, when ``X`` has string
+        Names of features seen during ``fit``, when ``X`` has string
         column names.
     pruning_ : dict or None
         Active pruning: ``{"mode", "threshold", "n_neighbors"}``; None when

@@ -27,11 +27,12 @@ def _exact(bank, queries, k):
     return np.take_along_axis(sims, rows, axis=1), rows
 
 
-def test_flat_search_is_exact_and_reads_the_bank_in_place(bank, queries):
+@pytest.mark.parametrize("n_queries", [1, 3, 40])  # few queries take the BLAS path
+def test_flat_search_is_exact_and_reads_the_bank_in_place(bank, queries, n_queries):
     index = NeighborIndex("flat", device="cpu").build(bank)
     assert index.faiss_index_ is None and index.bank_.embeddings is bank.embeddings
-    sims, rows = index.search(queries, 7)
-    exact_sims, exact_rows = _exact(bank, queries, 7)
+    sims, rows = index.search(queries[:n_queries], 7)
+    exact_sims, exact_rows = _exact(bank, queries[:n_queries], 7)
     np.testing.assert_array_equal(rows, exact_rows)
     np.testing.assert_allclose(sims, exact_sims, rtol=1e-5)
 
