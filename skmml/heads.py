@@ -1,0 +1,96 @@
+"""The memory-modular learner's integration head: one cross-attention block.
+
+The reference block (1 layer, 1 head, pre-LayerNorm with separate norms for
+query, key and value)::
+
+    x = f + Attn(LN_q(f), LN_k(m), LN_v(m))
+    x = x + MLP(LN_2(x))          # MLP: d -> 4d -> d with QuickGELU
+    out = x + f                   # the reference code adds the query again
+
+where ``f`` is the query embedding and ``m`` its retrieved memory items.
+
+Keys and values are projected per *memory item*, not per (query, neighbour)
+pair: :meth:`IntegrationHead.project_memory` maps the distinct items a batch
+touches once, and :meth:`IntegrationHead.forward` gathers the projections by
+index. At inference the projections of the whole memory are computed once and
+cached by the classifier.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, CLIP's GELU approximation."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class IntegrationHead(nn.Module):
+    """Cross-attention from a query embedding to its retrieved memory items.
+
+    Parameters
+    ----------
+    dim : int
+        Embedding dimension ``d``.
+    mlp_ratio : int, default=4
+        Hidden width of the MLP, ``mlp_ratio * d``.
+    residual_init : {"default", "zero"}, default="default"
+        "zero" zero-initialises the attention output and last MLP layers, so
+        that the untrained head returns ``2 f`` and ranks classes exactly as
+        the prototype classifier does.
+    """
+
+    def __init__(self, dim, mlp_ratio=4, residual_init="default"):
+        super().__init__()
+        self.dim = dim
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(dim)
+        self.ln_v = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), QuickGELU(), nn.Linear(mlp_ratio * dim, dim)
+        )
+        if residual_init == "zero":
+            for layer in (self.out_proj, self.mlp[2]):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        elif residual_init != "default":
+            raise ValueError(f"residual_init must be 'default' or 'zero', got {residual_init!r}.")
+
+    def project_memory(self, items):
+        """Keys and values of memory items (n_items, d): two (n_items, d) tensors."""
+        return self.k_proj(self.ln_k(items)), self.v_proj(self.ln_v(items))
+
+    def forward(self, query, keys, values, neighbours, return_attention=False):
+        """Integrate each query with its neighbours.
+
+        Parameters
+        ----------
+        query : Tensor of shape (batch, d)
+        keys, values : Tensors of shape (n_items, d)
+            Projected memory items, from :meth:`project_memory`.
+        neighbours : LongTensor of shape (batch, k)
+            Rows of `keys` / `values` retrieved for each query.
+        return_attention : bool, default=False
+            Also return the attention weights, shape (batch, k).
+
+        Returns
+        -------
+        out : Tensor of shape (batch, d)
+        """
+        q = self.q_proj(self.ln_q(query))
+        k, v = keys[neighbours], values[neighbours]
+        scores = torch.einsum("bd,bkd->bk", q, k) / math.sqrt(self.dim)
+        attention = scores.softmax(dim=1)
+        x = query + self.out_proj(torch.einsum("bk,bkd->bd", attention, v))
+        x = x + self.mlp(self.ln_2(x))
+        out = x + query
+        return (out, attention) if return_attention else out

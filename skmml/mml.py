@@ -1,0 +1,694 @@
+"""MemoryModularClassifier: the memory-modular learner (MML) of Kang et al."""
+
+import copy
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from ._validation import l2_normalize
+from .heads import IntegrationHead
+from .memory import Memory, MemoryBank
+from .prototypes import PROTOTYPE_MODES, class_prototypes
+from .retrieval import NeighborIndex
+
+BRANCHES = ("image", "text")
+
+
+def _torch_device(device):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no GPU.")
+    return torch.device(device)
+
+
+def _as_tensor(array, device):
+    """`array` as a tensor on `device`, sharing memory where possible.
+
+    Memory arrays are read-only; the heads only read them, so torch's warning
+    about non-writable arrays does not apply.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).to(device)
+
+
+def _union_bank(memory):
+    """Image and text items of `memory` as one bank (the unified-memory ablation)."""
+    image, text = memory.image, memory.text
+    if not len(text):
+        return image
+    if not len(image):
+        return text
+    return MemoryBank(
+        np.concatenate([image.embeddings, text.embeddings]),
+        np.concatenate([image.labels, text.labels]),
+        np.concatenate([image.ids, text.ids]),
+        pd.concat([image.metadata, text.metadata], ignore_index=True),
+    )
+
+
+class _MemoryView:
+    """What one memory gives the heads: per branch a bank and its index, and prototypes."""
+
+    def __init__(self, memory, branches, estimator):
+        self.classes = memory.classes
+        self.banks, self.indexes = {}, {}
+        for branch in branches:
+            bank = _union_bank(memory) if estimator.unified_memory else memory.bank(branch)
+            if not len(bank):
+                raise ValueError(f"The memory has no {branch} items for the {branch} branch.")
+            self.banks[branch] = bank
+            self.indexes[branch] = NeighborIndex(
+                estimator.index, estimator.index_params, estimator.index_device
+            ).build(bank)
+        self.prototypes = dict(zip(BRANCHES, class_prototypes(
+            memory, self.classes, mode=estimator.prototypes,
+            max_items=estimator.n_prototype_items, random_state=estimator.random_state,
+        )))
+        self._tensors = {}
+
+    def prototype_tensor(self, branch, device):
+        """The branch's prototypes as a tensor on `device` (cached)."""
+        key = (branch, str(device))
+        if key not in self._tensors:
+            self._tensors[key] = _as_tensor(self.prototypes[branch], device)
+        return self._tensors[key]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tensors": {}}
+
+    def neighbours(self, branch, X, k, query_ids=None):
+        """(similarities, rows) of the `k` nearest items of each query.
+
+        Fewer than `k` when the bank is smaller. With `query_ids`, a query
+        never retrieves the item with its own id (the supervised setting,
+        where the training queries are the memory).
+        """
+        bank = self.banks[branch]
+        extra = int(query_ids is not None)
+        k = min(k, len(bank) - extra)
+        if k < 1:
+            raise ValueError(f"The {branch} memory is too small to retrieve neighbours.")
+        sims, rows = self.indexes[branch].search(X, k + extra)
+        if query_ids is not None:
+            is_self = bank.ids[np.maximum(rows, 0)] == np.asarray(query_ids)[:, None]
+            is_self[~is_self.any(axis=1), -1] = True
+            is_self &= np.cumsum(is_self, axis=1) == 1
+            sims, rows = sims[~is_self].reshape(len(X), k), rows[~is_self].reshape(len(X), k)
+        return sims, rows
+
+
+class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
+    """The memory-modular learner: kNN retrieval, cross-attention, prototypes.
+
+    A query image embedding retrieves its ``k`` nearest items from the image
+    memory and from the text memory; per branch, a small cross-attention head
+    integrates the query with its neighbours, and the result is compared with
+    class prototypes built from the memory::
+
+        z_c = s * (cos(out_img, p_img_c) + cos(out_txt, p_txt_c))
+
+    Only the heads train; the encoder that made the embeddings stays frozen.
+    Because the prototypes and the neighbours come from the memory, replacing
+    the memory (:meth:`set_memory`) classifies classes never seen in training,
+    with no retraining.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=32
+        Items retrieved from each memory (fewer when a memory is smaller).
+    branches : {"auto", "both", "image", "text"}, default="auto"
+        Branches that vote; "auto" uses every modality the memory holds.
+    retrieval : {"knn", "none"}, default="knn"
+        "none" is the paper's "no kNN" ablation: the query itself is the key
+        and value of the attention.
+    unified_memory : bool, default=False
+        Search image and text items as one memory in both branches (ablation).
+    prototypes : {"consensus", "mean", "random"}, default="consensus"
+        Class prototypes: top-M items by cross-modal consensus (reference),
+        mean of all items, or mean of M random items.
+    n_prototype_items : int, default=16
+        ``M`` of the prototypes, per class and modality.
+    logit_scale : float, default=16.0
+        ``s`` in the logits.
+    residual_init : {"zero", "default"}, default="zero"
+        "zero" (a departure from the reference, see Notes) starts each head
+        as the identity, so training starts from the prototype classifier;
+        "default" is PyTorch's initialisation, as in the reference code.
+    learning_rate : float, default=1e-3
+        AdamW learning rate (the reference uses 1e-6 over up to 1000 GPU epochs).
+    weight_decay : float, default=5e-4
+        AdamW weight decay.
+    batch_size : int, default=256
+        Queries per training step.
+    max_epochs : int, default=20
+        Training epochs.
+    validation_fraction : float or None, default=0.2
+        Fraction of the training classes held out to select the epoch: after
+        each epoch the heads classify these classes' queries with only these
+        classes' memory (memory replacement), and the best epoch is kept; the
+        untrained heads (epoch 0) compete too. Used when at least
+        ``min_validation_classes`` classes would be held out; None trains on
+        all classes for ``max_epochs``.
+    min_validation_classes : int, default=5
+        Fewest held-out classes for validation-class model selection.
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation, shuffling and the class split.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+        Where the heads run; "auto" picks CUDA when torch sees a GPU.
+    index : str, default="flat"
+        Search index of each memory; see :class:`~skmml.NeighborIndex`.
+    index_params : dict, default=None
+        FAISS search parameters.
+    index_device : {"auto", "cpu", "cuda"}, default="auto"
+        Where the FAISS indexes live.
+    verbose : int, default=0
+        Show a progress bar with the loss during training.
+    memory : Memory, default=None
+        The memory. None uses the training data as the image memory (the
+        paper's supervised setting); a training query never retrieves itself.
+
+    Attributes
+    ----------
+    memory_ : Memory
+        The memory in use.
+    classes_ : ndarray of shape (n_classes,)
+        Classes of the memory, sorted.
+    branches_ : tuple of str
+        Branches in use.
+    heads_ : dict of str to IntegrationHead
+        The trained heads, per branch.
+    n_features_in_ : int
+        Embedding dimension.
+    history_ : pandas.DataFrame
+        Per epoch: training loss and validation-class accuracy.
+    best_epoch_ : int
+        Epoch whose weights were kept (0 = untrained).
+
+    Notes
+    -----
+    Departures from the reference code, each for CPU training or for
+    generalisation to unseen classes: zero-initialised residual branches,
+    AdamW with lr 1e-3 for 20 epochs instead of Adam with lr 1e-6, and epoch
+    selection on held-out classes with their own memory rather than on
+    held-out images of the training classes.
+    """
+
+    _parameter_constraints = {
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "branches": [StrOptions({"auto", "both", "image", "text"})],
+        "retrieval": [StrOptions({"knn", "none"})],
+        "unified_memory": ["boolean"],
+        "prototypes": [StrOptions(set(PROTOTYPE_MODES))],
+        "n_prototype_items": [Interval(Integral, 1, None, closed="left")],
+        "logit_scale": [Interval(Real, 0, None, closed="neither")],
+        "residual_init": [StrOptions({"zero", "default"})],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_epochs": [Interval(Integral, 0, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
+        "min_validation_classes": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+        "device": [StrOptions({"auto", "cpu", "cuda"})],
+        "index": [str],
+        "index_params": [dict, None],
+        "index_device": [StrOptions({"auto", "cpu", "cuda"})],
+        "verbose": ["verbose"],
+        "memory": [Memory, None],
+    }
+
+    def __init__(
+        self,
+        n_neighbors=32,
+        *,
+        branches="auto",
+        retrieval="knn",
+        unified_memory=False,
+        prototypes="consensus",
+        n_prototype_items=16,
+        logit_scale=16.0,
+        residual_init="zero",
+        learning_rate=1e-3,
+        weight_decay=5e-4,
+        batch_size=256,
+        max_epochs=20,
+        validation_fraction=0.2,
+        min_validation_classes=5,
+        random_state=None,
+        device="auto",
+        index="flat",
+        index_params=None,
+        index_device="auto",
+        verbose=0,
+        memory=None,
+    ):
+        self.n_neighbors = n_neighbors
+        self.branches = branches
+        self.retrieval = retrieval
+        self.unified_memory = unified_memory
+        self.prototypes = prototypes
+        self.n_prototype_items = n_prototype_items
+        self.logit_scale = logit_scale
+        self.residual_init = residual_init
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.validation_fraction = validation_fraction
+        self.min_validation_classes = min_validation_classes
+        self.random_state = random_state
+        self.device = device
+        self.index = index
+        self.index_params = index_params
+        self.index_device = index_device
+        self.verbose = verbose
+        self.memory = memory
+
+    # -- training ----------------------------------------------------------------------
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Train the heads on labelled query embeddings whose classes are in memory.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Query (image) embeddings.
+        y : array-like of shape (n_samples,)
+            Their classes; each must be in the memory.
+
+        Returns
+        -------
+        self : MemoryModularClassifier
+        """
+        return self._fit(X, y, self.max_epochs)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, classes=None):
+        """One more training epoch of the heads on labelled queries (e.g. a few shots).
+
+        The memory is unchanged and the classes of ``y`` must be in it. On
+        an unfitted classifier this is :meth:`fit` with one epoch.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Query embeddings.
+        y : array-like of shape (n_samples,)
+            Their classes.
+        classes : array-like, default=None
+            Accepted for scikit-learn compatibility: when given, every label
+            in ``y`` must be in it. The classes are always the memory's.
+
+        Returns
+        -------
+        self : MemoryModularClassifier
+        """
+        if classes is not None:
+            unknown = np.setdiff1d(np.asarray(y), classes)
+            if unknown.size:
+                raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
+        if not hasattr(self, "heads_"):
+            return self._fit(X, y, 1)
+        X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
+        check_classification_targets(y)
+        _check_known(y, self.memory_)
+        queries = _QuerySet(l2_normalize(X), np.searchsorted(self.classes_, y), self._view,
+                            self.branches_, self)
+        self._epoch(self.heads_, self._optimizer(self.heads_), queries,
+                    check_random_state(self.random_state))
+        self._project_memory()  # the cached keys and values are stale
+        return self
+
+    def _fit(self, X, y, max_epochs):
+        X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+        check_classification_targets(y)
+        Xn = l2_normalize(X)
+        supervised = self.memory is None
+        if supervised and len(y) < 2:
+            raise ValueError(
+                "With no memory given the training data is the memory, and a query never "
+                f"retrieves itself: n_samples={len(y)} leaves nothing to retrieve."
+            )
+        memory = Memory(Xn, y) if supervised else self.memory
+        if memory.n_features != X.shape[1]:
+            raise ValueError(
+                f"X has {X.shape[1]} features but the memory holds "
+                f"{memory.n_features}-dimensional embeddings."
+            )
+        _check_known(y, memory)
+        branches = self._resolve_branches(memory)
+        device = _torch_device(self.device)
+        rng = check_random_state(self.random_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+            heads = {
+                b: IntegrationHead(memory.n_features, residual_init=self.residual_init).to(device)
+                for b in branches
+            }
+        # In the supervised setting query i is memory item i: it never retrieves itself.
+        query_ids = np.arange(len(y)) if supervised else None
+        train, val = self._split(Xn, y, memory, branches, query_ids, rng)
+        optimizer = self._optimizer(heads)
+        history, best = [], None
+        bar = tqdm(range(max_epochs + 1), desc="training", disable=not self.verbose)
+        for epoch in bar:
+            loss = np.nan if epoch == 0 else self._epoch(heads, optimizer, train, rng)
+            score = np.nan if val is None else self._accuracy(heads, val)
+            history.append({"epoch": epoch, "loss": loss, "validation_accuracy": score})
+            bar.set_postfix(loss=loss, validation_accuracy=score)
+            if best is None or val is None or score > best[1]:
+                best = (epoch, score, {b: copy.deepcopy(h.state_dict()) for b, h in heads.items()})
+        for branch, state in best[2].items():
+            heads[branch].load_state_dict(state)
+        view = train.view if val is None else _MemoryView(memory, branches, self)
+        self.history_ = pd.DataFrame(history)
+        self.best_epoch_ = best[0]
+        self.heads_ = heads
+        self.branches_ = branches
+        self._adopt(memory, view)
+        return self
+
+    def _resolve_branches(self, memory):
+        present = tuple(b for b in BRANCHES if len(memory.bank(b)))
+        wanted = {"auto": present, "both": BRANCHES}.get(self.branches, (self.branches,))
+        missing = [b for b in wanted if b not in present and not self.unified_memory]
+        if missing or not wanted:
+            raise ValueError(
+                f"branches={self.branches!r} needs {' and '.join(missing or BRANCHES)} "
+                "items, but the memory has none."
+            )
+        return wanted
+
+    def _split(self, Xn, y, memory, branches, query_ids, rng):
+        """Training and validation query sets; validation holds out whole classes."""
+        classes = np.unique(y)
+        n_val = 0
+        if self.validation_fraction is not None:
+            n_val = int(round(self.validation_fraction * len(classes)))
+        if n_val < self.min_validation_classes or len(classes) - n_val < 2:
+            return _QuerySet(Xn, None, _MemoryView(memory, branches, self), branches, self,
+                             labels=y, query_ids=query_ids), None
+        val_classes = rng.choice(classes, n_val, replace=False)
+        in_val = np.isin(y, val_classes)
+        sets = []
+        for mask, view_memory in ((~in_val, memory.drop_classes(val_classes)),
+                                  (in_val, memory.keep_classes(val_classes))):
+            ids = None if query_ids is None else query_ids[mask]
+            sets.append(_QuerySet(Xn[mask], None, _MemoryView(view_memory, branches, self),
+                                  branches, self, labels=y[mask], query_ids=ids))
+        return sets
+
+    def _optimizer(self, heads):
+        return torch.optim.AdamW(
+            [p for head in heads.values() for p in head.parameters()],
+            lr=self.learning_rate, weight_decay=self.weight_decay,
+        )
+
+    def _epoch(self, heads, optimizer, queries, rng):
+        """One pass over `queries` in shuffled batches; returns the mean loss."""
+        for head in heads.values():
+            head.train()
+        order = rng.permutation(len(queries))
+        total = 0.0
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            logits = self._logits(heads, queries, batch)
+            target = _as_tensor(queries.codes[batch], logits.device)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        return total / len(order)
+
+    @torch.no_grad()
+    def _accuracy(self, heads, queries):
+        for head in heads.values():
+            head.eval()
+        hits = 0
+        for start in range(0, len(queries), _INFERENCE_BATCH):
+            batch = np.arange(start, min(start + _INFERENCE_BATCH, len(queries)))
+            predicted = self._logits(heads, queries, batch).argmax(dim=1).cpu().numpy()
+            hits += int(np.sum(predicted == queries.codes[batch]))
+        return hits / len(queries)
+
+    def _logits(self, heads, queries, batch, projected=None, attention=None):
+        """Logits (batch, n_classes) of the queries at `batch`.
+
+        Keys and values come from `projected` (cached projections of the
+        whole bank) or are projected here once per distinct item the batch
+        retrieves. With `attention` (a dict), each branch's attention weights
+        are appended to its list there.
+        """
+        device = next(iter(heads.values())).q_proj.weight.device
+        query = _as_tensor(queries.X[batch], device)
+        z = 0.0
+        for branch, head in heads.items():
+            if self.retrieval == "none":
+                keys, values = head.project_memory(query)
+                rows = torch.arange(len(batch), device=device)[:, None]
+            elif projected is not None:
+                keys, values = projected[branch]
+                rows = _as_tensor(queries.rows[branch][batch], device)
+            else:
+                unique, inverse = np.unique(queries.rows[branch][batch], return_inverse=True)
+                items = queries.view.banks[branch].embeddings[unique]
+                keys, values = head.project_memory(_as_tensor(items, device))
+                rows = _as_tensor(inverse.reshape(len(batch), -1), device)
+            out, weights = head(query, keys, values, rows, return_attention=True)
+            if attention is not None:
+                attention.setdefault(branch, []).append(weights.cpu().numpy())
+            prototypes = queries.view.prototype_tensor(branch, device)
+            z = z + torch.nn.functional.normalize(out, dim=1) @ prototypes.T
+        return self.logit_scale * z
+
+    # -- the memory ----------------------------------------------------------------------
+
+    def _adopt(self, memory, view=None):
+        """Make `memory` the classifier's memory: indexes, prototypes, projections."""
+        view = _MemoryView(memory, self.branches_, self) if view is None else view
+        self.memory_ = memory
+        self.classes_ = view.classes
+        self.n_features_in_ = memory.n_features
+        self._view = view
+        self._project_memory()
+
+    @torch.no_grad()
+    def _project_memory(self):
+        """Cache the keys and values of every memory item, per branch."""
+        self._projected = {}
+        for branch, head in self.heads_.items():
+            head.eval()
+            items = _as_tensor(self._view.banks[branch].embeddings, head.q_proj.weight.device)
+            self._projected[branch] = head.project_memory(items)
+
+    def set_memory(self, memory, mode="replace"):
+        """Replace the memory (unseen classes, no retraining) or expand it.
+
+        Parameters
+        ----------
+        memory : Memory
+            The new memory (``mode="replace"``) or the items to add
+            (``mode="expand"``, class-incremental; ids must not clash).
+        mode : {"replace", "expand"}, default="replace"
+
+        Returns
+        -------
+        self : MemoryModularClassifier
+        """
+        check_is_fitted(self, "heads_")
+        if not isinstance(memory, Memory):
+            raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
+        if mode == "expand":
+            memory = self.memory_.expand(memory)
+        elif mode != "replace":
+            raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
+        if memory.n_features != self.n_features_in_:
+            raise ValueError(
+                f"Dimension mismatch: the new memory holds {memory.n_features}-dimensional "
+                f"embeddings, the heads take {self.n_features_in_}."
+            )
+        self._adopt(memory)
+        return self
+
+    def forget(self, ids):
+        """Remove memory items by id; prototypes and retrieval follow. Returns self."""
+        check_is_fitted(self, "heads_")
+        self._adopt(self.memory_.remove(ids))
+        return self
+
+    # -- prediction ----------------------------------------------------------------------
+
+    def _queries(self, X):
+        check_is_fitted(self, "heads_")
+        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        return _QuerySet(l2_normalize(X), None, self._view, self.branches_, self)
+
+    @torch.no_grad()
+    def _all_logits(self, queries, attention=None):
+        projected = self._projected
+        for head in self.heads_.values():
+            head.eval()
+        blocks = []
+        for start in range(0, len(queries), _INFERENCE_BATCH):
+            batch = np.arange(start, min(start + _INFERENCE_BATCH, len(queries)))
+            blocks.append(
+                self._logits(self.heads_, queries, batch, projected, attention).cpu().numpy()
+            )
+        return np.concatenate(blocks)
+
+    def decision_function(self, X):
+        """Logits ``z_c = s * (cos(out_img, p_img_c) + cos(out_txt, p_txt_c))``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Returns
+        -------
+        z : ndarray of shape (n_queries, n_classes), or (n_queries,) for two
+            classes (``z_1 - z_0``, scikit-learn's convention).
+        """
+        z = self._all_logits(self._queries(X))
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
+    def predict_proba(self, X):
+        """Softmax of the logits over ``classes_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Returns
+        -------
+        proba : ndarray of shape (n_queries, n_classes)
+        """
+        z = self._all_logits(self._queries(X)).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        """The class with the largest logit.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Returns
+        -------
+        y : ndarray of shape (n_queries,)
+        """
+        z = self._all_logits(self._queries(X))
+        return self.classes_[z.argmax(axis=1)]
+
+    def explain(self, X):
+        """Retrieved items per branch with their attention weights.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query embeddings.
+
+        Returns
+        -------
+        explanation : pandas.DataFrame
+            One row per (query, branch, neighbour): ``query``, ``branch``,
+            ``rank``, ``id``, ``label``, ``similarity`` (cosine),
+            ``attention`` (the head's attention weight), then the item's
+            metadata columns.
+        """
+        queries = self._queries(X)
+        attention = {}
+        self._all_logits(queries, attention)
+        tables = []
+        for branch in self.branches_:
+            if self.retrieval == "none":
+                continue
+            bank = self._view.banks[branch]
+            rows, sims = queries.rows[branch], queries.sims[branch]
+            n, k = rows.shape
+            table = pd.DataFrame({
+                "query": np.repeat(np.arange(n), k),
+                "branch": branch,
+                "rank": np.tile(np.arange(k), n),
+                "id": bank.ids[rows.ravel()],
+                "label": bank.labels[rows.ravel()],
+                "similarity": sims.ravel(),
+                "attention": np.concatenate(attention[branch]).ravel(),
+            })
+            metadata = bank.metadata.iloc[rows.ravel()].reset_index(drop=True)
+            tables.append(pd.concat([table, metadata], axis=1) if metadata.shape[1] else table)
+        return pd.concat(tables, ignore_index=True)
+
+    # -- persistence: heads as CPU state dicts, device chosen at load ---------------------
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # a copy: never alter the live estimator
+        if "heads_" in state:
+            state["heads_"] = {
+                b: {k: v.detach().cpu() for k, v in h.state_dict().items()}
+                for b, h in self.heads_.items()
+            }
+            del state["_projected"]
+        return state
+
+    def __setstate__(self, state):
+        heads = state.get("heads_")
+        if heads is not None:
+            # A model trained on a GPU loads on a CPU-only machine, and vice versa.
+            device = _torch_device("cpu" if state["device"] == "cpu" else "auto")
+            state["heads_"] = {}
+            for branch, weights in heads.items():
+                head = IntegrationHead(state["n_features_in_"],
+                                       residual_init=state["residual_init"])
+                head.load_state_dict(weights)
+                state["heads_"][branch] = head.to(device)
+        super().__setstate__(state)
+        if heads is not None:
+            self._project_memory()
+
+
+_INFERENCE_BATCH = 4096
+
+
+def _check_known(y, memory):
+    unknown = np.setdiff1d(np.unique(y), memory.classes)
+    if unknown.size:
+        raise ValueError(f"Classes of y not in the memory: {unknown[:10].tolist()}.")
+
+
+class _QuerySet:
+    """Queries, their class codes, and their neighbours in a memory view.
+
+    Retrieval is frozen (the embeddings do not change), so each query set
+    searches its memory once and every training epoch reuses the neighbours.
+    """
+
+    def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):
+        self.X, self.view = X, view
+        self.codes = codes if labels is None else np.searchsorted(view.classes, labels)
+        self.rows, self.sims = {}, {}
+        if estimator.retrieval == "knn":
+            for branch in branches:
+                self.sims[branch], self.rows[branch] = view.neighbours(
+                    branch, X, estimator.n_neighbors, query_ids
+                )
+
+    def __len__(self):
+        return self.X.shape[0]

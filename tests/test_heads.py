@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from skmml.heads import IntegrationHead, QuickGELU
+
+
+def test_architecture_is_the_reference_block():
+    head = IntegrationHead(8)
+    names = {name for name, _ in head.named_children()}
+    assert names == {"ln_q", "ln_k", "ln_v", "q_proj", "k_proj", "v_proj", "out_proj", "ln_2",
+                     "mlp"}
+    assert [type(m) for m in head.mlp] == [torch.nn.Linear, QuickGELU, torch.nn.Linear]
+    assert head.mlp[0].in_features == 8 and head.mlp[0].out_features == 32
+    n_params = sum(p.numel() for p in head.parameters())
+    # 4 projections (d*d + d), MLP (d*4d + 4d + 4d*d + d), 4 LayerNorms (2d each).
+    assert n_params == 4 * (64 + 8) + (256 + 32 + 256 + 8) + 4 * 16
+
+
+def test_quick_gelu():
+    x = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+
+
+def test_forward_matches_the_reference_formula():
+    torch.manual_seed(0)
+    head = IntegrationHead(6)
+    query = torch.randn(3, 6)
+    memory = torch.randn(10, 6)
+    neighbours = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]])
+    keys, values = head.project_memory(memory)
+    out, attention = head(query, keys, values, neighbours, return_attention=True)
+    mha = torch.nn.MultiheadAttention(6, 1, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([head.q_proj.weight, head.k_proj.weight,
+                                            head.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([head.q_proj.bias, head.k_proj.bias, head.v_proj.bias]))
+        mha.out_proj.weight.copy_(head.out_proj.weight)
+        mha.out_proj.bias.copy_(head.out_proj.bias)
+    f = query[:, None]
+    knn = memory[neighbours]
+    attended, ref_attention = mha(head.ln_q(f), head.ln_k(knn), head.ln_v(knn))
+    x = f + attended
+    x = x + head.mlp(head.ln_2(x))
+    torch.testing.assert_close(out, (x + f)[:, 0])
+    torch.testing.assert_close(attention, ref_attention[:, 0])
+    torch.testing.assert_close(attention.sum(dim=1), torch.ones(3))
+
+
+def test_zero_residual_init_starts_as_twice_the_query():
+    head = IntegrationHead(5, residual_init="zero")
+    query = torch.randn(4, 5)
+    keys, values = head.project_memory(torch.randn(7, 5))
+    out = head(query, keys, values, torch.randint(0, 7, (4, 3)))
+    torch.testing.assert_close(out, 2 * query)
+    with pytest.raises(ValueError, match="residual_init"):
+        IntegrationHead(5, residual_init="small")

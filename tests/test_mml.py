@@ -1,0 +1,205 @@
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.datasets import load_digits
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+
+import skmml.mml as mml
+from skmml import Memory, MemoryModularClassifier
+from skmml.prototypes import class_prototypes
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return X.astype(np.float32), y
+
+
+def _multimodal_memory(n_classes=8, d=16, seed=0):
+    """Image and text items per class around shared class directions."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, d))
+    img_y = np.repeat(np.arange(n_classes), 20)
+    txt_y = np.repeat(np.arange(n_classes), 5)
+    memory = Memory(
+        centres[img_y] + 0.6 * rng.normal(size=(len(img_y), d)), img_y,
+        text_embeddings=centres[txt_y] + 0.6 * rng.normal(size=(len(txt_y), d)),
+        text_labels=txt_y,
+    )
+    q_y = np.repeat(np.arange(n_classes), 10)
+    return memory, (centres[q_y] + 0.6 * rng.normal(size=(len(q_y), d))).astype(np.float32), q_y
+
+
+def _weights(clf):
+    return {b: {k: v.clone() for k, v in h.state_dict().items()} for b, h in clf.heads_.items()}
+
+
+def test_untrained_zero_init_heads_are_the_prototype_classifier():
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(max_epochs=0, memory=memory, random_state=0).fit(X, y)
+    assert clf.branches_ == ("image", "text")
+    img_p, txt_p = class_prototypes(memory, clf.classes_)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    expected = 16.0 * (Xn @ img_p.T + Xn @ txt_p.T)
+    np.testing.assert_allclose(clf.decision_function(X), expected, rtol=1e-5, atol=1e-5)
+    proba = clf.predict_proba(X)
+    e = np.exp(expected - expected.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(proba, e / e.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+
+def test_logits_follow_the_formula_for_trained_heads():
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(n_neighbors=5, max_epochs=3, memory=memory,
+                                  random_state=0).fit(X, y)
+    Xn = torch.from_numpy(X / np.linalg.norm(X, axis=1, keepdims=True))
+    z = 0
+    for branch, head in clf.heads_.items():
+        bank = memory.bank(branch)
+        sims = Xn.numpy() @ bank.embeddings.T
+        rows = torch.from_numpy(np.argsort(-sims, axis=1, kind="stable")[:, :5])
+        keys, values = head.project_memory(torch.from_numpy(bank.embeddings.copy()))
+        with torch.no_grad():
+            out = head(Xn, keys, values, rows)
+        proto = torch.from_numpy(class_prototypes(memory, clf.classes_)[branch == "text"])
+        z = z + torch.nn.functional.normalize(out, dim=1) @ proto.T
+    np.testing.assert_allclose(clf.decision_function(X), 16.0 * z.numpy(), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_training_queries_never_retrieve_themselves(monkeypatch, digits):
+    X, y = digits
+    seen = []
+
+    class Recording(mml._QuerySet):
+        def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):
+            super().__init__(X, codes, view, branches, estimator, labels, query_ids)
+            if query_ids is not None:
+                seen.append((view.banks["image"].ids[self.rows["image"]], query_ids))
+
+    monkeypatch.setattr(mml, "_QuerySet", Recording)
+    MemoryModularClassifier(n_neighbors=8, max_epochs=1, random_state=0).fit(X[:300], y[:300])
+    assert seen
+    for neighbour_ids, query_ids in seen:
+        assert neighbour_ids.shape[1] == 8
+        assert not np.any(neighbour_ids == query_ids[:, None])
+
+
+def test_set_memory_changes_classes_and_predictions_but_not_weights(digits):
+    X, y = digits
+    low, high = y < 5, y >= 5
+    clf = MemoryModularClassifier(max_epochs=3, random_state=0).fit(X[low][:600], y[low][:600])
+    before = _weights(clf)
+    clf.set_memory(Memory(X[high][:500], y[high][:500]))
+    np.testing.assert_array_equal(clf.classes_, [5, 6, 7, 8, 9])
+    unseen_X, unseen_y = X[high][500:], y[high][500:]
+    assert np.isin(clf.predict(unseen_X), [5, 6, 7, 8, 9]).all()
+    assert clf.score(unseen_X, unseen_y) > 0.7  # 5 classes never trained on; chance is 0.2
+    for branch, state in _weights(clf).items():
+        for key, value in state.items():
+            torch.testing.assert_close(value, before[branch][key])
+    clf.set_memory(Memory(X[low][:600], y[low][:600], image_ids=np.arange(10**6, 10**6 + 600)),
+                   mode="expand")
+    np.testing.assert_array_equal(clf.classes_, np.arange(10))
+
+
+def test_forget_updates_classes_and_prototypes(digits):
+    X, y = digits
+    clf = MemoryModularClassifier(max_epochs=1, random_state=0).fit(X[:500], y[:500])
+    clf.forget(np.flatnonzero(y[:500] == 3))
+    assert 3 not in clf.classes_
+    assert 3 not in clf.predict(X[500:700])
+    with pytest.raises(ValueError, match="Unknown memory ids"):
+        clf.forget([10**9])
+
+
+def test_validation_classes_select_the_epoch_and_never_lose_to_epoch_zero():
+    memory, X, y = _multimodal_memory(n_classes=30, d=24, seed=1)
+    clf = MemoryModularClassifier(max_epochs=4, memory=memory, validation_fraction=0.2,
+                                  random_state=0).fit(X, y)
+    history = clf.history_
+    assert list(history["epoch"]) == [0, 1, 2, 3, 4]
+    assert history["validation_accuracy"].notna().all()
+    best = history.loc[clf.best_epoch_, "validation_accuracy"]
+    assert best == history["validation_accuracy"].max()
+    assert best >= history.loc[0, "validation_accuracy"]
+
+
+def test_ablations_run(digits):
+    memory, X, y = _multimodal_memory()
+    for params in ({"retrieval": "none"}, {"unified_memory": True}, {"branches": "text"},
+                   {"branches": "image", "prototypes": "mean"}, {"prototypes": "random"}):
+        clf = MemoryModularClassifier(max_epochs=2, memory=memory, random_state=0, **params)
+        assert clf.fit(X, y).score(X, y) > 0.8, params
+    with pytest.raises(ValueError, match="needs text items"):
+        MemoryModularClassifier(branches="both").fit(*digits)
+
+
+def test_explain_reports_retrieved_items_and_attention():
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(n_neighbors=4, max_epochs=1, memory=memory,
+                                  random_state=0).fit(X, y)
+    table = clf.explain(X[:3])
+    assert list(table.columns) == ["query", "branch", "rank", "id", "label", "similarity",
+                                   "attention"]
+    assert len(table) == 3 * 4 * 2
+    sums = table.groupby(["query", "branch"])["attention"].sum()
+    np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
+    assert set(table.loc[table["branch"] == "text", "id"]) <= set(memory.text.ids)
+
+
+def test_partial_fit_trains_further_without_touching_memory():
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(max_epochs=1, memory=memory, random_state=0).fit(X, y)
+    before = _weights(clf)
+    clf.partial_fit(X[:40], y[:40])
+    assert clf.memory_ is memory
+    changed = any(not torch.equal(v, before["image"][k])
+                  for k, v in clf.heads_["image"].state_dict().items())
+    assert changed
+
+
+def test_joblib_round_trip_gives_identical_predictions(tmp_path):
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(max_epochs=2, memory=memory, random_state=0,
+                                  index="hnsw").fit(X, y)
+    joblib.dump(clf, tmp_path / "mml.joblib")
+    loaded = joblib.load(tmp_path / "mml.joblib")
+    np.testing.assert_array_equal(loaded.decision_function(X), clf.decision_function(X))
+
+
+def test_training_is_reproducible_with_random_state():
+    memory, X, y = _multimodal_memory()
+    a = MemoryModularClassifier(max_epochs=2, memory=memory, random_state=3).fit(X, y)
+    b = MemoryModularClassifier(max_epochs=2, memory=memory, random_state=3).fit(X, y)
+    c = MemoryModularClassifier(max_epochs=2, memory=memory, random_state=4).fit(X, y)
+    # Equal up to float rounding (CPU kernels may split reductions differently).
+    np.testing.assert_allclose(a.decision_function(X), b.decision_function(X), rtol=1e-5,
+                               atol=1e-5)
+    assert not np.allclose(a.decision_function(X), c.decision_function(X), atol=1e-3)
+
+
+def test_grid_search_over_a_given_memory_shares_it():
+    memory, X, y = _multimodal_memory()
+    grid = GridSearchCV(
+        MemoryModularClassifier(max_epochs=1, memory=memory, random_state=0),
+        {"n_neighbors": [4, 8], "logit_scale": [8.0, 16.0]}, cv=2,
+    ).fit(X, y)
+    assert grid.best_estimator_.memory_.image.embeddings is memory.image.embeddings
+    assert clone(grid.best_estimator_).memory is memory
+
+
+def test_errors(digits):
+    X, y = digits
+    memory = Memory(X[:100], y[:100])
+    with pytest.raises(NotFittedError):
+        MemoryModularClassifier().predict(X[:2])
+    with pytest.raises(ValueError, match="Classes of y not in the memory: \\[9\\]"):
+        MemoryModularClassifier(memory=memory.drop_classes([9])).fit(X[:100], y[:100])
+    clf = MemoryModularClassifier(max_epochs=1, memory=memory).fit(X[:100], y[:100])
+    with pytest.raises(ValueError, match="Dimension mismatch"):
+        clf.set_memory(Memory(X[:10, 1:], y[:10]))
+    with pytest.raises(ValueError, match="X has 63 features"):
+        clf.predict(X[:3, 1:])
