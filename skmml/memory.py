@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ._validation import check_embeddings, check_ids, check_labels, l2_normalize
+from .herding import herding_order
 
 MODALITIES = ("image", "text")
 _FORMAT = "skmml.Memory"
@@ -371,6 +372,47 @@ class Memory:
         for bank in (self.image, self.text):
             mask = np.isin(bank.labels, classes) == keep
             banks.append(bank if mask.all() else bank.take(np.flatnonzero(mask)))
+        return Memory._from_banks(*banks)
+
+    def limit(self, budget):
+        """Return a memory of at most `budget` items per modality (class-incremental).
+
+        The budget is split evenly across the classes of each modality
+        (``budget // n_classes`` items each); each class keeps its items in
+        herding priority order (iCaRL: greedily closest to the class mean),
+        recorded in the metadata column ``herding_rank``. A class that already
+        has ranks is truncated by them, so shrinking a budget again keeps a
+        prefix of the same order; new classes are ranked on arrival.
+
+        Parameters
+        ----------
+        budget : int
+            Largest number of items per modality, e.g. 2000.
+        """
+        banks = []
+        for bank in (self.image, self.text):
+            if not len(bank):
+                banks.append(bank)
+                continue
+            classes, codes = np.unique(bank.labels, return_inverse=True)
+            per_class = budget // len(classes)
+            if per_class < 1:
+                raise ValueError(
+                    f"budget={budget} is smaller than the number of classes ({len(classes)})."
+                )
+            ranks = np.full(len(bank), np.inf)
+            if "herding_rank" in bank.metadata:
+                ranks = bank.metadata["herding_rank"].to_numpy(
+                    dtype=np.float64, na_value=np.inf, copy=True
+                )
+            for c in range(len(classes)):
+                rows = np.flatnonzero(codes == c)
+                if not np.all(np.isfinite(ranks[rows])):
+                    ranks[rows[herding_order(bank.embeddings[rows])]] = np.arange(len(rows))
+            keep = np.flatnonzero(ranks < per_class)
+            kept = bank.take(keep)
+            metadata = kept.metadata.assign(herding_rank=ranks[keep].astype(np.int64))
+            banks.append(_make_bank(kept.embeddings, kept.labels, kept.ids, metadata))
         return Memory._from_banks(*banks)
 
     def expand(self, other, *, reassign_ids=False):
