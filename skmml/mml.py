@@ -4,6 +4,7 @@ import copy
 import warnings
 from numbers import Integral, Real
 
+import faiss
 import numpy as np
 import pandas as pd
 import torch
@@ -60,20 +61,22 @@ def _union_bank(memory):
 class _MemoryView:
     """What one memory gives the heads: per branch a bank and its index, and prototypes."""
 
-    def __init__(self, memory, branches, estimator):
+    def __init__(self, memory, branches, estimator, support=None):
         self.classes = memory.classes
-        self.banks, self.indexes = {}, {}
+        self.banks, self.codes, self.indexes = {}, {}, {}
         for branch in branches:
             bank = _union_bank(memory) if estimator.unified_memory else memory.bank(branch)
             if not len(bank):
                 raise ValueError(f"The memory has no {branch} items for the {branch} branch.")
             self.banks[branch] = bank
+            self.codes[branch] = np.searchsorted(self.classes, bank.labels)
             self.indexes[branch] = NeighborIndex(
                 estimator.index, estimator.index_params, estimator.index_device
             ).build(bank)
         self.prototypes = dict(zip(BRANCHES, class_prototypes(
             memory, self.classes, mode=estimator.prototypes,
             max_items=estimator.n_prototype_items, random_state=estimator.random_state,
+            support=support,
         )))
         self._tensors = {}
 
@@ -100,12 +103,48 @@ class _MemoryView:
         if k < 1:
             raise ValueError(f"The {branch} memory is too small to retrieve neighbours.")
         sims, rows = self.indexes[branch].search(X, k + extra)
-        if query_ids is not None:
-            is_self = bank.ids[np.maximum(rows, 0)] == np.asarray(query_ids)[:, None]
-            is_self[~is_self.any(axis=1), -1] = True
-            is_self &= np.cumsum(is_self, axis=1) == 1
-            sims, rows = sims[~is_self].reshape(len(X), k), rows[~is_self].reshape(len(X), k)
+        return _drop_self(sims, rows, bank.ids, query_ids)
+
+
+class _Episode:
+    """A memory view restricted to a few classes (episodic training).
+
+    Its retrieval is an exact search over those classes' items, so the head
+    trains with neighbourhoods and prototypes of memory it has not seen whole.
+    """
+
+    def __init__(self, view, class_codes):
+        self.view = view
+        self.class_codes = np.sort(class_codes)
+        self.classes = view.classes[self.class_codes]
+        self.banks = view.banks
+        self.rows_in = {b: np.flatnonzero(np.isin(view.codes[b], class_codes))
+                        for b in view.banks}
+
+    def prototype_tensor(self, branch, device):
+        prototypes = self.view.prototype_tensor(branch, device)
+        return prototypes[_as_tensor(self.class_codes, device)]
+
+    def neighbours(self, branch, X, k, query_ids=None):
+        subset = self.rows_in[branch]
+        extra = int(query_ids is not None)
+        k = min(k, len(subset) - extra)
+        if k < 1:
+            raise ValueError(f"An episode's {branch} memory is too small to retrieve from.")
+        embeddings = np.ascontiguousarray(self.banks[branch].embeddings[subset])
+        sims, local = faiss.knn(X, embeddings, k + extra, metric=faiss.METRIC_INNER_PRODUCT)
+        return _drop_self(sims, subset[local], self.banks[branch].ids, query_ids)
+
+
+def _drop_self(sims, rows, ids, query_ids):
+    """Drop, per query, the neighbour that is the query itself (or the last one)."""
+    if query_ids is None:
         return sims, rows
+    n, k = rows.shape
+    is_self = ids[np.maximum(rows, 0)] == np.asarray(query_ids)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    is_self &= np.cumsum(is_self, axis=1) == 1
+    return sims[~is_self].reshape(n, k - 1), rows[~is_self].reshape(n, k - 1)
 
 
 class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
@@ -153,6 +192,12 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Queries per training step.
     max_epochs : int, default=20
         Training epochs.
+    episode_classes : int, float or None, default=None
+        Episodic training: each step draws this many training classes (a
+        float is a fraction of them), up to ``batch_size`` of their queries,
+        and restricts retrieval (exact search) and prototypes to those
+        classes, so the heads learn to work with memory they have not seen
+        whole. None trains on shuffled batches over all classes.
     validation_fraction : float or None, default=0.2
         Fraction of the training classes held out to select the epoch: after
         each epoch the heads classify these classes' queries with only these
@@ -217,6 +262,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_epochs": [Interval(Integral, 0, None, closed="left")],
+        "episode_classes": [Interval(Integral, 2, None, closed="left"),
+                            Interval(Real, 0, 1, closed="right"), None],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
         "min_validation_classes": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
@@ -243,6 +290,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         weight_decay=5e-4,
         batch_size=256,
         max_epochs=20,
+        episode_classes=None,
         validation_fraction=0.2,
         min_validation_classes=5,
         random_state=None,
@@ -265,6 +313,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.batch_size = batch_size
         self.max_epochs = max_epochs
+        self.episode_classes = episode_classes
         self.validation_fraction = validation_fraction
         self.min_validation_classes = min_validation_classes
         self.random_state = random_state
@@ -417,21 +466,48 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def _epoch(self, heads, optimizer, queries, rng):
-        """One pass over `queries` in shuffled batches; returns the mean loss."""
+        """One epoch of training steps over `queries`; returns the mean loss."""
         for head in heads.values():
             head.train()
-        order = rng.permutation(len(queries))
-        total = 0.0
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            logits = self._logits(heads, queries, batch)
-            target = _as_tensor(queries.codes[batch], logits.device)
+        total, seen = 0.0, 0
+        for step, batch in self._steps(queries, tuple(heads), rng):
+            logits = self._logits(heads, step, batch)
+            target = _as_tensor(step.codes[batch], logits.device)
             loss = torch.nn.functional.cross_entropy(logits, target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
-        return total / len(order)
+            seen += len(batch)
+        return total / seen
+
+    def _steps(self, queries, branches, rng):
+        """(query set, batch) per step: shuffled batches, or episodes.
+
+        An episode draws ``episode_classes`` classes, up to ``batch_size`` of
+        their queries, and restricts retrieval and prototypes to them.
+        """
+        n_steps = -(-len(queries) // self.batch_size)
+        if self.episode_classes is None:
+            order = rng.permutation(len(queries))
+            for start in range(0, len(order), self.batch_size):
+                yield queries, order[start:start + self.batch_size]
+            return
+        n_classes = len(queries.view.classes)
+        n_way = self.episode_classes
+        if isinstance(n_way, Real) and not isinstance(n_way, Integral):
+            n_way = round(n_way * n_classes)
+        n_way = min(max(n_way, 2), n_classes)
+        present = np.unique(queries.codes)
+        for _ in range(n_steps):
+            codes = rng.choice(present, min(n_way, len(present)), replace=False)
+            pool = np.flatnonzero(np.isin(queries.codes, codes))
+            batch = rng.choice(pool, min(self.batch_size, len(pool)), replace=False)
+            episode = _Episode(queries.view, codes)
+            ids = None if queries.query_ids is None else queries.query_ids[batch]
+            step = _QuerySet(queries.X[batch], np.searchsorted(episode.class_codes,
+                             queries.codes[batch]), episode, branches, self, query_ids=ids)
+            yield step, np.arange(len(batch))
 
     @torch.no_grad()
     def _accuracy(self, heads, queries):
@@ -476,9 +552,11 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     # -- the memory ----------------------------------------------------------------------
 
-    def _adopt(self, memory, view=None):
+    def _adopt(self, memory, view=None, support=None):
         """Make `memory` the classifier's memory: indexes, prototypes, projections."""
-        view = _MemoryView(memory, self.branches_, self) if view is None else view
+        if view is None:
+            view = _MemoryView(memory, self.branches_, self, support)
+        self._support = support
         self.memory_ = memory
         self.classes_ = view.classes
         self.n_features_in_ = memory.n_features
@@ -494,7 +572,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             items = _as_tensor(self._view.banks[branch].embeddings, head.q_proj.weight.device)
             self._projected[branch] = head.project_memory(items)
 
-    def set_memory(self, memory, mode="replace"):
+    def set_memory(self, memory, mode="replace", support=None):
         """Replace the memory (unseen classes, no retraining) or expand it.
 
         Parameters
@@ -503,6 +581,11 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             The new memory (``mode="replace"``) or the items to add
             (``mode="expand"``, class-incremental; ids must not clash).
         mode : {"replace", "expand"}, default="replace"
+        support : tuple (X, y), default=None
+            Few-shot support: labelled query embeddings whose mean becomes
+            the image prototype of each of their classes (ProtoNet style).
+            It stays in force through :meth:`forget` and expansion, until a
+            replacement.
 
         Returns
         -------
@@ -513,6 +596,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
         if mode == "expand":
             memory = self.memory_.expand(memory)
+            support = self._support if support is None else support
         elif mode != "replace":
             raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
         if memory.n_features != self.n_features_in_:
@@ -520,13 +604,19 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 f"Dimension mismatch: the new memory holds {memory.n_features}-dimensional "
                 f"embeddings, the heads take {self.n_features_in_}."
             )
-        self._adopt(memory)
+        if support is not None:
+            X, y = support
+            X = l2_normalize(validate_data(self, X, reset=False, dtype=np.float32, order="C"))
+            y = np.asarray(y)
+            _check_known(y, memory)
+            support = (X, y)
+        self._adopt(memory, support=support)
         return self
 
     def forget(self, ids):
         """Remove memory items by id; prototypes and retrieval follow. Returns self."""
         check_is_fitted(self, "heads_")
-        self._adopt(self.memory_.remove(ids))
+        self._adopt(self.memory_.remove(ids), support=self._support)
         return self
 
     # -- prediction ----------------------------------------------------------------------
@@ -681,7 +771,7 @@ class _QuerySet:
     """
 
     def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):
-        self.X, self.view = X, view
+        self.X, self.view, self.query_ids = X, view, query_ids
         self.codes = codes if labels is None else np.searchsorted(view.classes, labels)
         self.rows, self.sims = {}, {}
         if estimator.retrieval == "knn":

@@ -203,3 +203,53 @@ def test_errors(digits):
         clf.set_memory(Memory(X[:10, 1:], y[:10]))
     with pytest.raises(ValueError, match="X has 63 features"):
         clf.predict(X[:3, 1:])
+
+
+def test_few_shot_support_sets_image_prototypes():
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(max_epochs=0, memory=memory, random_state=0).fit(X, y)
+    shots = X[y == 2][:3]
+    clf.set_memory(memory, support=(shots, [2, 2, 2]))
+    mean = shots / np.linalg.norm(shots, axis=1, keepdims=True)
+    mean = mean.mean(axis=0)
+    np.testing.assert_allclose(clf._view.prototypes["image"][2], mean / np.linalg.norm(mean),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="not in the memory"):
+        clf.set_memory(memory, support=(shots, [99, 99, 99]))
+
+
+def test_episodic_training_restricts_retrieval_and_prototypes(monkeypatch):
+    memory, X, y = _multimodal_memory(n_classes=10)
+    episodes = []
+
+    class Recording(mml._Episode):
+        def neighbours(self, branch, X, k, query_ids=None):
+            sims, rows = super().neighbours(branch, X, k, query_ids)
+            episodes.append((set(self.class_codes), set(self.view.codes[branch][rows.ravel()])))
+            return sims, rows
+
+    monkeypatch.setattr(mml, "_Episode", Recording)
+    clf = MemoryModularClassifier(max_epochs=2, episode_classes=3, memory=memory,
+                                  random_state=0).fit(X, y)
+    assert episodes
+    for classes, retrieved in episodes:
+        assert len(classes) == 3 and retrieved <= classes
+    assert clf.score(X, y) > 0.8
+
+
+def test_episodic_training_in_the_supervised_setting_never_retrieves_itself(monkeypatch,
+                                                                             digits):
+    X, y = digits
+    checked = []
+
+    class Checking(mml._Episode):
+        def neighbours(self, branch, X, k, query_ids=None):
+            sims, rows = super().neighbours(branch, X, k, query_ids)
+            assert not np.any(self.banks[branch].ids[rows] == query_ids[:, None])
+            checked.append(rows.shape)
+            return sims, rows
+
+    monkeypatch.setattr(mml, "_Episode", Checking)
+    MemoryModularClassifier(n_neighbors=4, max_epochs=1, episode_classes=0.5,
+                            random_state=0).fit(X[:300], y[:300])
+    assert checked and all(shape[1] == 4 for shape in checked)
