@@ -14,6 +14,7 @@ extensions = [
     "sphinx_gallery.gen_gallery",
 ]
 
+templates_path = ["_templates"]
 autosummary_generate = True
 autodoc_default_options = {"members": True}
 numpydoc_show_class_members = False

@@ -1,7 +1,7 @@
 """
-=========================================
+==========================================
 Choosing k: accuracy of each voting scheme
-=========================================
+==========================================
 
 How many neighbours should vote? :meth:`~skmml.KNNVoteClassifier.staged_predict`
 returns the predictions for every ``k = 1 .. n_neighbors`` from a single

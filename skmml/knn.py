@@ -69,7 +69,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         Classes of the memory's image items, sorted.
     n_features_in_ : int
         Embedding dimension.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during ``fit``, when ``X`` has string
         column names.
     pruning_ : dict or None
