@@ -83,14 +83,14 @@ BATCH_SIZE = 128
 N_THREADS = 2
 
 
-def _require(module, package):
+def _require(module, package, pip_options=""):
     """Import ``module``, or fail with the name of the PyPI package to install."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
             f"mml_data needs the Python package {package!r} (module {module!r}): "
-            f"pip install {package}"
+            f"pip install {pip_options}{package}"
         ) from exc
 
 
@@ -265,7 +265,7 @@ def load_image_features(n_per_class=1000, seed=0, cache_dir=None):
 
 def _clip_benchmark_json(name):
     """Load one of the JSON files that ship in ``clip_benchmark.datasets``."""
-    _require("clip_benchmark", "clip-benchmark")
+    _require("clip_benchmark", "clip-benchmark", pip_options="--no-deps ")
     path = resources.files("clip_benchmark.datasets") / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall clip-benchmark")
@@ -282,7 +282,8 @@ def mask_class_name(sentence, name, mask=MASK):
     """
     words = [w for w in re.findall(r"[^\W_]+", name) if len(w) > 3]
     terms = sorted({name, *words}, key=len, reverse=True)
-    pattern = r"\b(?:%s)(?:e?s)?\b" % "|".join(map(re.escape, terms))
+    alternatives = "|".join(map(re.escape, terms))
+    pattern = rf"\b(?:{alternatives})(?:e?s)?\b"
     masked = re.sub(pattern, mask, sentence, flags=re.IGNORECASE)
     run = re.escape(mask)
     return re.sub(rf"{run}(?:[\s-]+{run})+", mask, masked)

@@ -202,10 +202,11 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Fraction of the training classes held out to select the epoch: after
         each epoch the heads classify these classes' queries with only these
         classes' memory (memory replacement), and the best epoch is kept; the
-        untrained heads (epoch 0) compete too. Used when at least
-        ``min_validation_classes`` classes would be held out; None trains on
-        all classes for ``max_epochs``.
-    min_validation_classes : int, default=5
+        untrained heads (epoch 0) compete too. At least
+        ``min_validation_classes`` classes are held out, and at least two
+        stay for training (so it needs four classes or more); otherwise, or
+        with None, the heads train on all classes for ``max_epochs``.
+    min_validation_classes : int, default=2
         Fewest held-out classes for validation-class model selection.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation, shuffling and the class split.
@@ -292,7 +293,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         max_epochs=20,
         episode_classes=None,
         validation_fraction=0.2,
-        min_validation_classes=5,
+        min_validation_classes=2,
         random_state=None,
         device="auto",
         index="flat",
@@ -445,8 +446,9 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         classes = np.unique(y)
         n_val = 0
         if self.validation_fraction is not None:
-            n_val = int(round(self.validation_fraction * len(classes)))
-        if n_val < self.min_validation_classes or len(classes) - n_val < 2:
+            n_val = max(self.min_validation_classes,
+                        int(round(self.validation_fraction * len(classes))))
+        if len(classes) - n_val < 2:
             return _QuerySet(Xn, None, _MemoryView(memory, branches, self), branches, self,
                              labels=y, query_ids=query_ids), None
         val_classes = rng.choice(classes, n_val, replace=False)
