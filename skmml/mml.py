@@ -448,7 +448,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         if self.validation_fraction is not None:
             n_val = max(self.min_validation_classes,
                         int(round(self.validation_fraction * len(classes))))
-        if len(classes) - n_val < 2:
+        if not n_val or len(classes) - n_val < 2:
             return _QuerySet(Xn, None, _MemoryView(memory, branches, self), branches, self,
                              labels=y, query_ids=query_ids), None
         val_classes = rng.choice(classes, n_val, replace=False)
