@@ -196,7 +196,7 @@ def main():
     images = load_image_features(n_per_class=300 if args.quick else 1000)
     run("Fashion-MNIST, EfficientNet-Lite0 features", images["X"], images["y"],
         np.arange(5), np.arange(5, 10), n_memory=100, n_train=16 if args.quick else 100,
-        max_epochs=epochs, seed=args.seed, validation_fraction=None,
+        max_epochs=epochs, seed=args.seed, validation_fraction=0.2,
         incremental_classes=np.arange(10), budget=200)
 
     texts = load_text_features()

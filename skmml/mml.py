@@ -201,8 +201,10 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     validation_fraction : float or None, default=0.2
         Fraction of the training classes held out to select the epoch: after
         each epoch the heads classify these classes' queries with only these
-        classes' memory (memory replacement), and the best epoch is kept; the
-        untrained heads (epoch 0) compete too. At least
+        classes' memory (memory replacement), and the best epoch is kept. The
+        untrained heads (epoch 0; with ``residual_init="zero"`` the prototype
+        classifier) compete too, and a trained epoch replaces them only if it
+        beats them by two standard errors of the validation accuracy. At least
         ``min_validation_classes`` classes are held out, and at least two
         stay for training (so it needs four classes or more); otherwise, or
         with None, the heads train on all classes for ``max_epochs``.
@@ -411,14 +413,18 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         query_ids = np.arange(len(y)) if supervised else None
         train, val = self._split(Xn, y, memory, branches, query_ids, rng)
         optimizer = self._optimizer(heads)
-        history, best = [], None
+        history, best, floor = [], None, -np.inf
         bar = tqdm(range(max_epochs + 1), desc="training", disable=not self.verbose)
         for epoch in bar:
             loss = np.nan if epoch == 0 else self._epoch(heads, optimizer, train, rng)
             score = np.nan if val is None else self._accuracy(heads, val)
             history.append({"epoch": epoch, "loss": loss, "validation_accuracy": score})
             bar.set_postfix(loss=loss, validation_accuracy=score)
-            if best is None or val is None or score > best[1]:
+            if epoch == 0 and val is not None:
+                # A trained epoch must beat the untrained heads (the prototype
+                # classifier) by two standard errors of the validation accuracy.
+                floor = score + 2 * np.sqrt(score * (1 - score) / len(val))
+            if best is None or val is None or score > max(best[1], floor):
                 best = (epoch, score, {b: copy.deepcopy(h.state_dict()) for b, h in heads.items()})
         for branch, state in best[2].items():
             heads[branch].load_state_dict(state)

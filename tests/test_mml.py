@@ -123,8 +123,14 @@ def test_validation_classes_select_the_epoch_and_never_lose_to_epoch_zero():
     assert list(history["epoch"]) == [0, 1, 2, 3, 4]
     assert history["validation_accuracy"].notna().all()
     best = history.loc[clf.best_epoch_, "validation_accuracy"]
-    assert best == history["validation_accuracy"].max()
-    assert best >= history.loc[0, "validation_accuracy"]
+    base = history.loc[0, "validation_accuracy"]
+    n_val = 6 * 10  # 6 held-out classes x 10 queries
+    if clf.best_epoch_:
+        assert best == history["validation_accuracy"].max()
+        assert best > base + 2 * np.sqrt(base * (1 - base) / n_val)
+    else:
+        assert history["validation_accuracy"].max() <= base + 2 * np.sqrt(
+            base * (1 - base) / n_val)
 
 
 def test_ablations_run(digits):
