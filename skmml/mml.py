@@ -250,6 +250,19 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     AdamW with lr 1e-3 for 20 epochs instead of Adam with lr 1e-6, and epoch
     selection on held-out classes with their own memory rather than on
     held-out images of the training classes.
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from skmml import Memory, MemoryModularClassifier
+    >>> X, y = load_digits(return_X_y=True)
+    >>> seen, unseen = y < 5, y >= 5
+    >>> clf = MemoryModularClassifier(max_epochs=2, random_state=0).fit(X[seen], y[seen])
+    >>> clf.classes_
+    array([0, 1, 2, 3, 4])
+    >>> clf.set_memory(Memory(X[unseen][:400], y[unseen][:400])).classes_
+    array([5, 6, 7, 8, 9])
+    >>> bool(clf.score(X[unseen][400:], y[unseen][400:]) > 0.8)
+    True
     """
 
     _parameter_constraints = {

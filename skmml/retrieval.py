@@ -84,6 +84,16 @@ class NeighborIndex:
     so adding and removing items never renumbers; index types that cannot remove
     (HNSW) are rebuilt from the remaining items instead. GPU indexes cannot
     hold ids: they are addressed by row and rebuilt on removal.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmml import Memory, NeighborIndex
+    >>> memory = Memory(np.eye(4), ["a", "b", "c", "d"], image_ids=[10, 11, 12, 13])
+    >>> index = NeighborIndex("flat").build(memory.image)
+    >>> sims, rows = index.search(np.float32([[0.9, 0.1, 0, 0]]), 2)
+    >>> memory.image.ids[rows]
+    array([[10, 11]])
     """
 
     def __init__(self, index="flat", params=None, device="auto"):
