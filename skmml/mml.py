@@ -250,6 +250,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     AdamW with lr 1e-3 for 20 epochs instead of Adam with lr 1e-6, and epoch
     selection on held-out classes with their own memory rather than on
     held-out images of the training classes.
+
     Examples
     --------
     >>> from sklearn.datasets import load_digits
