@@ -1,5 +1,7 @@
 """Input checks and L2 normalisation shared by the memory and the estimators."""
 
+from contextlib import contextmanager
+
 import numpy as np
 from sklearn.utils import check_array
 
@@ -57,6 +59,15 @@ def check_labels(labels, n, *, name="labels"):
         raise ValueError(
             f"{name} has {labels.shape[0]} entries but there are {n} embeddings."
         )
+    if labels.dtype.kind == "O":
+        # Object labels hold strings or numbers, never a mix (as in scikit-learn).
+        if all(isinstance(v, str) for v in labels):
+            labels = labels.astype(str)
+        elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                 for v in labels):
+            labels = np.array(labels.tolist())
+        else:
+            raise ValueError(f"{name} mixes strings and numbers or holds other objects.")
     if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
         raise ValueError(f"{name} contains NaN or inf.")
     if labels.dtype.kind not in "biufUSO":
@@ -75,3 +86,21 @@ def check_ids(ids, n, *, name="ids"):
     if np.unique(ids).shape[0] != n:
         raise ValueError(f"{name} contains duplicates.")
     return ids
+
+
+@contextmanager
+def input_metadata_kept_on_error(estimator):
+    """Restore ``n_features_in_`` / ``feature_names_in_`` if the block raises.
+
+    ``validate_data(reset=True)`` sets them before the rest of a ``fit`` is
+    checked; a ``fit`` that then fails must leave a fitted estimator usable.
+    """
+    names = ("n_features_in_", "feature_names_in_")
+    saved = {n: estimator.__dict__[n] for n in names if n in estimator.__dict__}
+    try:
+        yield
+    except BaseException:
+        for name in names:
+            estimator.__dict__.pop(name, None)
+        estimator.__dict__.update(saved)
+        raise

@@ -69,7 +69,7 @@ class IntegrationHead(nn.Module):
         """Keys and values of memory items (n_items, d): two (n_items, d) tensors."""
         return self.k_proj(self.ln_k(items)), self.v_proj(self.ln_v(items))
 
-    def forward(self, query, keys, values, neighbours, return_attention=False):
+    def forward(self, query, keys, values, neighbours, valid=None, return_attention=False):
         """Integrate each query with its neighbours.
 
         Parameters
@@ -79,6 +79,9 @@ class IntegrationHead(nn.Module):
             Projected memory items, from :meth:`project_memory`.
         neighbours : LongTensor of shape (batch, k)
             Rows of `keys` / `values` retrieved for each query.
+        valid : BoolTensor of shape (batch, k), default=None
+            False where a neighbour is missing (an approximate index found
+            fewer than k items): it gets no attention.
         return_attention : bool, default=False
             Also return the attention weights, shape (batch, k).
 
@@ -89,7 +92,9 @@ class IntegrationHead(nn.Module):
         q = self.q_proj(self.ln_q(query))
         k, v = keys[neighbours], values[neighbours]
         scores = torch.einsum("bd,bkd->bk", q, k) / math.sqrt(self.dim)
-        attention = scores.softmax(dim=1)
+        if valid is not None:
+            scores = scores.masked_fill(~valid, -torch.inf)
+        attention = scores.softmax(dim=1).nan_to_num(0.0)
         x = query + self.out_proj(torch.einsum("bk,bkd->bd", attention, v))
         x = x + self.mlp(self.ln_2(x))
         out = x + query

@@ -9,7 +9,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._validation import l2_normalize
+from ._validation import input_metadata_kept_on_error, l2_normalize
 from .memory import Memory
 from .pruning import PRUNING_MODES, item_weights, leave_one_out_neighbors, wrong_neighbor_counts
 from .retrieval import NeighborIndex
@@ -174,19 +174,21 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : KNNVoteClassifier
         """
-        if self.memory is None:
-            X, y = validate_data(self, X, y, dtype=np.float32, order="C")
-            check_classification_targets(y)
-            memory = Memory(X, y)
-        else:
-            memory = self.memory
-            X = validate_data(self, X, dtype=np.float32, order="C")
-            if X.shape[1] != memory.n_features:
-                raise ValueError(
-                    f"X has {X.shape[1]} features but the memory holds "
-                    f"{memory.n_features}-dimensional embeddings."
-                )
-        self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None)
+        with input_metadata_kept_on_error(self):
+            if self.memory is None:
+                X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+                check_classification_targets(y)
+                memory = Memory(X, y)
+            else:
+                memory = self.memory
+                X = validate_data(self, X, dtype=np.float32, order="C")
+                if X.shape[1] != memory.n_features:
+                    raise ValueError(
+                        f"X has {X.shape[1]} features but the memory holds "
+                        f"{memory.n_features}-dimensional embeddings."
+                    )
+            index = self._new_index().build(_image_bank(memory))
+        self._adopt(memory, index, pruning=None)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)

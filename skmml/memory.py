@@ -407,8 +407,13 @@ class Memory:
                 )
             for c in range(len(classes)):
                 rows = np.flatnonzero(codes == c)
-                if not np.all(np.isfinite(ranks[rows])):
-                    ranks[rows[herding_order(bank.embeddings[rows])]] = np.arange(len(rows))
+                if np.all(np.isfinite(ranks[rows])):
+                    # Ranked before: renumber 0.. in that order (removals leave gaps).
+                    ranks[rows] = np.argsort(np.argsort(ranks[rows], kind="stable"))
+                else:
+                    ranks[rows] = np.inf
+                    order = herding_order(bank.embeddings[rows], per_class)
+                    ranks[rows[order]] = np.arange(len(order))
             keep = np.flatnonzero(ranks < per_class)
             kept = bank.take(keep)
             metadata = kept.metadata.assign(herding_rank=ranks[keep].astype(np.int64))

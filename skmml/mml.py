@@ -15,7 +15,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._validation import l2_normalize
+from ._validation import input_metadata_kept_on_error, l2_normalize
 from .heads import IntegrationHead
 from .memory import Memory, MemoryBank
 from .prototypes import PROTOTYPE_MODES, class_prototypes
@@ -64,15 +64,19 @@ class _MemoryView:
     def __init__(self, memory, branches, estimator, support=None):
         self.classes = memory.classes
         self.banks, self.codes, self.indexes = {}, {}, {}
+        union = _union_bank(memory) if estimator.unified_memory else None
+        index = None
         for branch in branches:
-            bank = _union_bank(memory) if estimator.unified_memory else memory.bank(branch)
+            bank = memory.bank(branch) if union is None else union
             if not len(bank):
                 raise ValueError(f"The memory has no {branch} items for the {branch} branch.")
             self.banks[branch] = bank
             self.codes[branch] = np.searchsorted(self.classes, bank.labels)
-            self.indexes[branch] = NeighborIndex(
-                estimator.index, estimator.index_params, estimator.index_device
-            ).build(bank)
+            if index is None or union is None:  # the unified memory is indexed once
+                index = NeighborIndex(
+                    estimator.index, estimator.index_params, estimator.index_device
+                ).build(bank)
+            self.indexes[branch] = index
         self.prototypes = dict(zip(BRANCHES, class_prototypes(
             memory, self.classes, mode=estimator.prototypes,
             max_items=estimator.n_prototype_items, random_state=estimator.random_state,
@@ -358,7 +362,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : MemoryModularClassifier
         """
-        return self._fit(X, y, self.max_epochs)
+        with input_metadata_kept_on_error(self):
+            return self._fit(X, y, self.max_epochs)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, classes=None):
@@ -554,18 +559,24 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         query = _as_tensor(queries.X[batch], device)
         z = 0.0
         for branch, head in heads.items():
+            valid = None
             if self.retrieval == "none":
                 keys, values = head.project_memory(query)
                 rows = torch.arange(len(batch), device=device)[:, None]
-            elif projected is not None:
-                keys, values = projected[branch]
-                rows = _as_tensor(queries.rows[branch][batch], device)
             else:
-                unique, inverse = np.unique(queries.rows[branch][batch], return_inverse=True)
-                items = queries.view.banks[branch].embeddings[unique]
-                keys, values = head.project_memory(_as_tensor(items, device))
-                rows = _as_tensor(inverse.reshape(len(batch), -1), device)
-            out, weights = head(query, keys, values, rows, return_attention=True)
+                found = queries.rows[branch][batch]
+                if not np.all(found >= 0):  # an approximate index found fewer than k
+                    valid = _as_tensor(found >= 0, device)
+                    found = np.maximum(found, 0)
+                if projected is not None:
+                    keys, values = projected[branch]
+                    rows = _as_tensor(found, device)
+                else:
+                    unique, inverse = np.unique(found, return_inverse=True)
+                    items = queries.view.banks[branch].embeddings[unique]
+                    keys, values = head.project_memory(_as_tensor(items, device))
+                    rows = _as_tensor(inverse.reshape(len(batch), -1), device)
+            out, weights = head(query, keys, values, rows, valid, return_attention=True)
             if attention is not None:
                 attention.setdefault(branch, []).append(weights.cpu().numpy())
             prototypes = queries.view.prototype_tensor(branch, device)
@@ -725,26 +736,28 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             ``attention`` (the head's attention weight), then the item's
             metadata columns.
         """
+        if self.retrieval == "none":
+            raise ValueError("retrieval='none' retrieves nothing to explain.")
         queries = self._queries(X)
         attention = {}
         self._all_logits(queries, attention)
         tables = []
         for branch in self.branches_:
-            if self.retrieval == "none":
-                continue
             bank = self._view.banks[branch]
             rows, sims = queries.rows[branch], queries.sims[branch]
             n, k = rows.shape
+            found = (rows >= 0).ravel()
+            flat = rows.ravel()[found]
             table = pd.DataFrame({
-                "query": np.repeat(np.arange(n), k),
+                "query": np.repeat(np.arange(n), k)[found],
                 "branch": branch,
-                "rank": np.tile(np.arange(k), n),
-                "id": bank.ids[rows.ravel()],
-                "label": bank.labels[rows.ravel()],
-                "similarity": sims.ravel(),
-                "attention": np.concatenate(attention[branch]).ravel(),
+                "rank": np.tile(np.arange(k), n)[found],
+                "id": bank.ids[flat],
+                "label": bank.labels[flat],
+                "similarity": sims.ravel()[found],
+                "attention": np.concatenate(attention[branch]).ravel()[found],
             })
-            metadata = bank.metadata.iloc[rows.ravel()].reset_index(drop=True)
+            metadata = bank.metadata.iloc[flat].reset_index(drop=True)
             tables.append(pd.concat([table, metadata], axis=1) if metadata.shape[1] else table)
         return pd.concat(tables, ignore_index=True)
 

@@ -42,14 +42,14 @@ def _class_prototypes(images, texts, mode, max_items, rng):
             for x in (images, texts)
         ]
     elif len(present) == 2:
-        sim = images @ texts.T
+        # Row / column sums of images @ texts.T, without forming the matrix.
         protos = [
-            _top_mean(images, sim.sum(axis=1), min(len(images), max_items)),
-            _top_mean(texts, sim.sum(axis=0), min(len(texts), max_items)),
+            _top_mean(images, images @ texts.sum(axis=0), min(len(images), max_items)),
+            _top_mean(texts, texts @ images.sum(axis=0), min(len(texts), max_items)),
         ]
     else:
         (items,) = present
-        proto = _top_mean(items, (items @ items.T).sum(axis=1), min(len(items), max_items))
+        proto = _top_mean(items, items @ items.sum(axis=0), min(len(items), max_items))
         protos = [proto if len(x) else None for x in (images, texts)]
     image_proto, text_proto = protos
     return (

@@ -57,3 +57,11 @@ def test_shrinking_again_is_a_truncation_and_new_classes_are_ranked_on_arrival()
 def test_budget_below_the_number_of_classes_is_an_error():
     with pytest.raises(ValueError, match="smaller than the number of classes"):
         Memory(np.eye(3), [0, 1, 2]).limit(2)
+
+
+def test_limit_after_removals_still_fills_the_budget():
+    rng = np.random.default_rng(2)
+    memory = Memory(rng.normal(size=(60, 5)), np.repeat([0, 1], 30)).limit(20)
+    first = memory.image.ids[memory.image.metadata["herding_rank"].to_numpy() == 0]
+    smaller = memory.remove(first[:1]).limit(10)
+    np.testing.assert_array_equal(smaller.counts()["image"], [5, 5])

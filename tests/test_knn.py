@@ -437,3 +437,13 @@ def test_grid_search_over_a_given_memory_does_not_copy_it():
     assert peak < 0.25 * X.nbytes
     assert grid.best_estimator_.memory_.image.embeddings is memory.image.embeddings
     assert clone(grid.best_estimator_).memory is memory
+
+
+def test_failed_refit_leaves_a_fitted_classifier_usable(digits):
+    X, y, X_test, _ = digits
+    clf = KNNVoteClassifier(memory=Memory(X, y)).fit(X_test, None)
+    expected = clf.predict(X_test)
+    with pytest.raises(ValueError, match="memory holds 64-dimensional"):
+        clf.fit(X_test[:, :4])
+    assert clf.n_features_in_ == 64
+    np.testing.assert_array_equal(clf.predict(X_test), expected)

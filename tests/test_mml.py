@@ -260,3 +260,26 @@ def test_episodic_training_in_the_supervised_setting_never_retrieves_itself(monk
     MemoryModularClassifier(n_neighbors=4, max_epochs=1, episode_classes=0.5,
                             random_state=0).fit(X[:300], y[:300])
     assert checked and all(shape[1] == 4 for shape in checked)
+
+
+def test_missing_neighbours_of_an_approximate_index_get_no_attention():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(2000, 16)).astype(np.float32), rng.integers(0, 5, 2000)
+    clf = MemoryModularClassifier(max_epochs=1, index="IVF64,Flat", index_params={"nprobe": 1},
+                                  index_device="cpu", random_state=0).fit(X, y)
+    assert (clf._queries(X[:200]).rows["image"] < 0).any()
+    table = clf.explain(X[:200])
+    assert np.isfinite(table["similarity"]).all()
+    np.testing.assert_allclose(table.groupby("query")["attention"].sum(), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="nothing to explain"):
+        MemoryModularClassifier(max_epochs=0, retrieval="none").fit(X[:50], y[:50]).explain(X[:2])
+
+
+def test_failed_refit_leaves_a_fitted_classifier_usable():
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(max_epochs=1, memory=memory, random_state=0).fit(X, y)
+    expected = clf.predict(X)
+    with pytest.raises(ValueError, match="memory holds 16-dimensional"):
+        clf.fit(X[:, :4], y)
+    assert clf.n_features_in_ == 16
+    np.testing.assert_array_equal(clf.predict(X), expected)
