@@ -236,11 +236,12 @@ class Memory:
                 next_id += len(bank)
             dim = bank.dim
             banks[modality] = bank
-        self._set_banks(banks.get("image"), banks.get("text"))
+        self._set_banks(banks.get("image"), banks.get("text"), check=True)
 
-    def _set_banks(self, image, text):
+    def _set_banks(self, image, text, check=False):
+        """Install the banks; `check` their compatibility unless the caller has."""
         filled = [b for b in (image, text) if b is not None and len(b)]
-        if len(filled) == 2:
+        if check and len(filled) == 2:
             _check_compatible(image, text, "text items")
         dim = filled[0].dim if filled else 0
         dtype = filled[0].labels.dtype if filled else np.int64
@@ -248,9 +249,9 @@ class Memory:
         self.text = text if text is not None and len(text) else _empty_bank(dim, dtype)
 
     @classmethod
-    def _from_banks(cls, image, text):
+    def _from_banks(cls, image, text, check=False):
         memory = cls.__new__(cls)
-        memory._set_banks(image, text)
+        memory._set_banks(image, text, check)
         return memory
 
     # -- what the memory holds ---------------------------------------------------
@@ -315,17 +316,15 @@ class Memory:
         existing id.
         """
         old = self.bank(modality)
-        existing = self.ids
-        next_id = int(existing.max()) + 1 if existing.size else 0
+        next_id = max((int(b.ids[b._sorter[-1]]) + 1 for b in (self.image, self.text) if len(b)),
+                      default=0)
         new = _new_bank(embeddings, labels, ids, metadata, modality, self.n_features, next_id)
-        clash = np.intersect1d(existing, new.ids)
+        clash = new.ids[self.image.contains(new.ids) | self.text.contains(new.ids)]
         if clash.size:
             raise ValueError(f"ids already in the memory: {clash[:10].tolist()}.")
-        if len(old):
-            _check_compatible(old, new, f"new {modality} items")
-        other = self.text if modality == "image" else self.image
-        if len(other):
-            _check_compatible(other, new, f"new {modality} items")
+        for bank in (self.image, self.text):
+            if len(bank):
+                _check_compatible(bank, new, f"new {modality} items", check_ids=False)
         merged = _concat_banks(old, new)
         return self._replaced(modality, merged)
 
@@ -435,7 +434,7 @@ class Memory:
             raise TypeError(f"expand() needs a Memory, got {type(other).__name__}.")
         if reassign_ids:
             other = other._renumbered(int(self.ids.max()) + 1 if len(self) else 0)
-        clash = np.intersect1d(self.ids, other.ids)
+        clash = other.ids[self.image.contains(other.ids) | self.text.contains(other.ids)]
         if clash.size:
             raise ValueError(
                 f"ids in both memories: {clash[:10].tolist()}; "
@@ -444,7 +443,7 @@ class Memory:
         for mine in (self.image, self.text):
             for theirs in (other.image, other.text):
                 if len(mine) and len(theirs):
-                    _check_compatible(mine, theirs, "the other memory")
+                    _check_compatible(mine, theirs, "the other memory", check_ids=False)
         return Memory._from_banks(
             _concat_banks(self.image, other.image), _concat_banks(self.text, other.text)
         )
@@ -522,7 +521,7 @@ class Memory:
                         metadata,
                     )
                 )
-        return cls._from_banks(*banks)
+        return cls._from_banks(*banks, check=True)
 
 
 def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
@@ -541,7 +540,7 @@ def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
     return _make_bank(l2_normalize(emb), labels, ids, metadata)
 
 
-def _check_compatible(a, b, what):
+def _check_compatible(a, b, what, check_ids=True):
     """Raise a ValueError if banks `a` and `b` cannot live in one memory."""
     if a.dim != b.dim:
         raise ValueError(
@@ -553,6 +552,6 @@ def _check_compatible(a, b, what):
             f"Label type mismatch: {what} have {b.labels.dtype} labels, "
             f"the memory has {a.labels.dtype} labels."
         )
-    clash = np.intersect1d(a.ids, b.ids)
-    if clash.size:
+    clash = np.intersect1d(a.ids, b.ids) if check_ids else ()
+    if len(clash):
         raise ValueError(f"Duplicate ids between banks: {clash[:10].tolist()}.")
