@@ -129,7 +129,7 @@ def _check_metadata(metadata, n, name):
     return metadata.reset_index(drop=True)
 
 
-def _concat_banks(a, b):
+def concat_banks(a, b):
     """Stack two banks; the caller has checked ids, dimensions and label kinds."""
     if not len(a):
         return b
@@ -325,7 +325,7 @@ class Memory:
         for bank in (self.image, self.text):
             if len(bank):
                 _check_compatible(bank, new, f"new {modality} items", check_ids=False)
-        merged = _concat_banks(old, new)
+        merged = concat_banks(old, new)
         return self._replaced(modality, merged)
 
     def _replaced(self, modality, bank):
@@ -445,7 +445,7 @@ class Memory:
                 if len(mine) and len(theirs):
                     _check_compatible(mine, theirs, "the other memory", check_ids=False)
         return Memory._from_banks(
-            _concat_banks(self.image, other.image), _concat_banks(self.text, other.text)
+            concat_banks(self.image, other.image), concat_banks(self.text, other.text)
         )
 
     def _renumbered(self, start):

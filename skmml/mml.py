@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from ._validation import input_metadata_kept_on_error, l2_normalize
 from .heads import IntegrationHead
-from .memory import Memory, MemoryBank
+from .memory import Memory, concat_banks
 from .prototypes import PROTOTYPE_MODES, class_prototypes
-from .retrieval import NeighborIndex
+from .retrieval import NeighborIndex, drop_self
 
 BRANCHES = ("image", "text")
 
@@ -43,28 +43,13 @@ def _as_tensor(array, device):
         return torch.from_numpy(array).to(device)
 
 
-def _union_bank(memory):
-    """Image and text items of `memory` as one bank (the unified-memory ablation)."""
-    image, text = memory.image, memory.text
-    if not len(text):
-        return image
-    if not len(image):
-        return text
-    return MemoryBank(
-        np.concatenate([image.embeddings, text.embeddings]),
-        np.concatenate([image.labels, text.labels]),
-        np.concatenate([image.ids, text.ids]),
-        pd.concat([image.metadata, text.metadata], ignore_index=True),
-    )
-
-
 class _MemoryView:
     """What one memory gives the heads: per branch a bank and its index, and prototypes."""
 
     def __init__(self, memory, branches, estimator, support=None):
         self.classes = memory.classes
         self.banks, self.codes, self.indexes = {}, {}, {}
-        union = _union_bank(memory) if estimator.unified_memory else None
+        union = concat_banks(memory.image, memory.text) if estimator.unified_memory else None
         index = None
         for branch in branches:
             bank = memory.bank(branch) if union is None else union
@@ -141,14 +126,10 @@ class _Episode:
 
 
 def _drop_self(sims, rows, ids, query_ids):
-    """Drop, per query, the neighbour that is the query itself (or the last one)."""
+    """Drop, per query, the neighbour whose id is the query's (none without ids)."""
     if query_ids is None:
         return sims, rows
-    n, k = rows.shape
-    is_self = ids[np.maximum(rows, 0)] == np.asarray(query_ids)[:, None]
-    is_self[~is_self.any(axis=1), -1] = True
-    is_self &= np.cumsum(is_self, axis=1) == 1
-    return sims[~is_self].reshape(n, k - 1), rows[~is_self].reshape(n, k - 1)
+    return drop_self(sims, rows, ids[np.maximum(rows, 0)] == np.asarray(query_ids)[:, None])
 
 
 class MemoryModularClassifier(ClassifierMixin, BaseEstimator):

@@ -10,6 +10,8 @@ label differs from the query's is charged one *wrong-neighbour* count.
 
 import numpy as np
 
+from .retrieval import drop_self
+
 PRUNING_MODES = ("hard", "soft")
 SOFT_PRUNING_SCALE = 1.75
 
@@ -17,21 +19,15 @@ SOFT_PRUNING_SCALE = 1.75
 def leave_one_out_neighbors(index, bank, n_neighbors, verbose=False):
     """Rows of the `n_neighbors` nearest other items of every item of `bank`.
 
-    Searches ``n_neighbors + 1`` and drops the item itself, as
-    :meth:`sklearn.neighbors.KNeighborsMixin.kneighbors` does with ``X=None``:
-    where duplicates push the item out of its own list, the last column goes.
+    Searches ``n_neighbors + 1`` and drops the item itself (see
+    :func:`~skmml.retrieval.drop_self`).
 
     Returns
     -------
     similarities, rows : ndarrays of shape (n_items, n_neighbors)
     """
-    n = len(bank)
     sims, rows = index.search(bank.embeddings, n_neighbors + 1, verbose=verbose)
-    is_self = rows == np.arange(n)[:, None]
-    is_self[~is_self.any(axis=1), -1] = True
-    is_self &= np.cumsum(is_self, axis=1) == 1
-    keep = ~is_self
-    return sims[keep].reshape(n, n_neighbors), rows[keep].reshape(n, n_neighbors)
+    return drop_self(sims, rows, rows == np.arange(len(bank))[:, None])
 
 
 def wrong_neighbor_counts(index, bank, codes, n_neighbors, verbose=False):

@@ -51,6 +51,21 @@ def _factory_string(spec, n, d):
     return INDEX_SHORTCUTS[spec].format(nlist=nlist, m=m)
 
 
+def drop_self(sims, rows, is_self):
+    """Drop one column per query: the neighbour that is the query itself.
+
+    `is_self` marks, per (query, neighbour), whether the neighbour is the
+    query. As :meth:`sklearn.neighbors.KNeighborsMixin.kneighbors` does with
+    ``X=None``, only the first match goes, and where duplicates pushed the
+    query out of its own list the last column goes.
+    """
+    n, k = rows.shape
+    is_self = is_self.copy()
+    is_self[~is_self.any(axis=1), -1] = True
+    is_self &= np.cumsum(is_self, axis=1) == 1
+    return sims[~is_self].reshape(n, k - 1), rows[~is_self].reshape(n, k - 1)
+
+
 def _top_k_small_batch(queries, embeddings, k):
     """Exact top-k inner products of a few queries; same output as faiss.knn."""
     sims = queries @ embeddings.T
