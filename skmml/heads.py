@@ -65,6 +65,15 @@ class IntegrationHead(nn.Module):
         elif residual_init != "default":
             raise ValueError(f"residual_init must be 'default' or 'zero', got {residual_init!r}.")
 
+    def is_identity(self):
+        """Whether the residual branches are exactly zero, so ``forward`` returns ``2 f``.
+
+        True for an untrained ``residual_init="zero"`` head: the classifier
+        then skips the head, and its retrieval, at prediction.
+        """
+        return all(not torch.any(p) for layer in (self.out_proj, self.mlp[2])
+                   for p in (layer.weight, layer.bias))
+
     def project_memory(self, items):
         """Keys and values of memory items (n_items, d): two (n_items, d) tensors."""
         return self.k_proj(self.ln_k(items)), self.v_proj(self.ln_v(items))

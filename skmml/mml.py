@@ -191,8 +191,10 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         classifier) compete too, and a trained epoch replaces them only if it
         beats them by two standard errors of the validation accuracy. At least
         ``min_validation_classes`` classes are held out, and at least two
-        stay for training (so it needs four classes or more); otherwise, or
-        with None, the heads train on all classes for ``max_epochs``.
+        stay for training (so it needs four classes or more); with fewer
+        classes this fraction of the training queries is held out instead,
+        with the whole memory. With None the heads train on all queries for
+        ``max_epochs`` and the last epoch is kept.
     min_validation_classes : int, default=2
         Fewest held-out classes for validation-class model selection.
     random_state : int, RandomState instance or None, default=None
@@ -428,7 +430,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 best = (epoch, score, {b: copy.deepcopy(h.state_dict()) for b, h in heads.items()})
         for branch, state in best[2].items():
             heads[branch].load_state_dict(state)
-        view = train.view if val is None else _MemoryView(memory, branches, self)
+        view = train.view if val is None or val.view is train.view else _MemoryView(
+            memory, branches, self)
         self.history_ = pd.DataFrame(history)
         self.best_epoch_ = best[0]
         self.heads_ = heads
@@ -448,15 +451,27 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         return wanted
 
     def _split(self, Xn, y, memory, branches, query_ids, rng):
-        """Training and validation query sets; validation holds out whole classes."""
+        """Training and validation query sets.
+
+        Validation holds out whole classes with their own memory; with too
+        few classes for that, it holds out queries and keeps the memory.
+        """
         classes = np.unique(y)
-        n_val = 0
-        if self.validation_fraction is not None:
-            n_val = max(self.min_validation_classes,
-                        int(round(self.validation_fraction * len(classes))))
-        if not n_val or len(classes) - n_val < 2:
+        if self.validation_fraction is None:
             return _QuerySet(Xn, None, _MemoryView(memory, branches, self), branches, self,
                              labels=y, query_ids=query_ids), None
+        n_val = max(self.min_validation_classes,
+                    int(round(self.validation_fraction * len(classes))))
+        if len(classes) - n_val < 2:
+            view = _MemoryView(memory, branches, self)
+            in_val = np.zeros(len(y), dtype=bool)
+            in_val[rng.permutation(len(y))[:int(round(self.validation_fraction * len(y)))]] = True
+            if in_val.all() or not in_val.any():
+                return _QuerySet(Xn, None, view, branches, self, labels=y,
+                                 query_ids=query_ids), None
+            return [_QuerySet(Xn[mask], None, view, branches, self, labels=y[mask],
+                              query_ids=None if query_ids is None else query_ids[mask])
+                    for mask in (~in_val, in_val)]
         val_classes = rng.choice(classes, n_val, replace=False)
         in_val = np.isin(y, val_classes)
         sets = []
@@ -528,18 +543,23 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             hits += int(np.sum(predicted == queries.codes[batch]))
         return hits / len(queries)
 
-    def _logits(self, heads, queries, batch, projected=None, attention=None):
+    def _logits(self, heads, queries, batch, cached=False, attention=None):
         """Logits (batch, n_classes) of the queries at `batch`.
 
-        Keys and values come from `projected` (cached projections of the
-        whole bank) or are projected here once per distinct item the batch
-        retrieves. With `attention` (a dict), each branch's attention weights
-        are appended to its list there.
+        With `cached`, keys and values are the cached projections of the whole
+        bank and identity heads are skipped (their output is the query, up to
+        scale); otherwise they are projected here once per distinct item the
+        batch retrieves. With `attention` (a dict), each branch's attention
+        weights are appended to its list there.
         """
         device = next(iter(heads.values())).q_proj.weight.device
         query = _as_tensor(queries.X[batch], device)
         z = 0.0
         for branch, head in heads.items():
+            prototypes = queries.view.prototype_tensor(branch, device)
+            if cached and attention is None and self._identity[branch]:
+                z = z + query @ prototypes.T
+                continue
             valid = None
             if self.retrieval == "none":
                 keys, values = head.project_memory(query)
@@ -549,8 +569,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 if not np.all(found >= 0):  # an approximate index found fewer than k
                     valid = _as_tensor(found >= 0, device)
                     found = np.maximum(found, 0)
-                if projected is not None:
-                    keys, values = projected[branch]
+                if cached:
+                    keys, values = self._projection(branch)
                     rows = _as_tensor(found, device)
                 else:
                     unique, inverse = np.unique(found, return_inverse=True)
@@ -560,7 +580,6 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             out, weights = head(query, keys, values, rows, valid, return_attention=True)
             if attention is not None:
                 attention.setdefault(branch, []).append(weights.cpu().numpy())
-            prototypes = queries.view.prototype_tensor(branch, device)
             z = z + torch.nn.functional.normalize(out, dim=1) @ prototypes.T
         return self.logit_scale * z
 
@@ -577,14 +596,20 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         self._view = view
         self._project_memory()
 
-    @torch.no_grad()
     def _project_memory(self):
-        """Cache the keys and values of every memory item, per branch."""
+        """Drop cached projections (the memory or the heads changed); note identity heads."""
         self._projected = {}
-        for branch, head in self.heads_.items():
+        self._identity = {b: head.is_identity() for b, head in self.heads_.items()}
+
+    @torch.no_grad()
+    def _projection(self, branch):
+        """Keys and values of every item of the branch's bank, computed once and cached."""
+        if branch not in self._projected:
+            head = self.heads_[branch]
             head.eval()
             items = _as_tensor(self._view.banks[branch].embeddings, head.q_proj.weight.device)
             self._projected[branch] = head.project_memory(items)
+        return self._projected[branch]
 
     def set_memory(self, memory, mode="replace", support=None):
         """Replace the memory (unseen classes, no retraining) or expand it.
@@ -635,21 +660,22 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     # -- prediction ----------------------------------------------------------------------
 
-    def _queries(self, X):
+    def _queries(self, X, explain=False):
+        """Validated queries and their neighbours; identity heads need none unless explaining."""
         check_is_fitted(self, "heads_")
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
-        return _QuerySet(l2_normalize(X), None, self._view, self.branches_, self)
+        search = [b for b in self.branches_ if explain or not self._identity[b]]
+        return _QuerySet(l2_normalize(X), None, self._view, search, self)
 
     @torch.no_grad()
     def _all_logits(self, queries, attention=None):
-        projected = self._projected
         for head in self.heads_.values():
             head.eval()
         blocks = []
         for start in range(0, len(queries), _INFERENCE_BATCH):
             batch = np.arange(start, min(start + _INFERENCE_BATCH, len(queries)))
             blocks.append(
-                self._logits(self.heads_, queries, batch, projected, attention).cpu().numpy()
+                self._logits(self.heads_, queries, batch, True, attention).cpu().numpy()
             )
         return np.concatenate(blocks)
 
@@ -719,7 +745,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         """
         if self.retrieval == "none":
             raise ValueError("retrieval='none' retrieves nothing to explain.")
-        queries = self._queries(X)
+        queries = self._queries(X, explain=True)
         attention = {}
         self._all_logits(queries, attention)
         tables = []

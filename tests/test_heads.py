@@ -52,5 +52,10 @@ def test_zero_residual_init_starts_as_twice_the_query():
     keys, values = head.project_memory(torch.randn(7, 5))
     out = head(query, keys, values, torch.randint(0, 7, (4, 3)))
     torch.testing.assert_close(out, 2 * query)
+    assert head.is_identity()
+    assert not IntegrationHead(5).is_identity()
+    out.sum().backward()
+    torch.optim.SGD(head.parameters(), lr=0.1).step()
+    assert not head.is_identity()
     with pytest.raises(ValueError, match="residual_init"):
         IntegrationHead(5, residual_init="small")

@@ -133,6 +133,32 @@ def test_validation_classes_select_the_epoch_and_never_lose_to_epoch_zero():
             base * (1 - base) / n_val)
 
 
+def test_too_few_classes_hold_out_queries_instead(digits):
+    X, y = digits
+    seen = y < 3  # three classes: none can be held out with two left to train on
+    clf = MemoryModularClassifier(max_epochs=2, validation_fraction=0.25, random_state=0)
+    clf.fit(X[seen], y[seen])
+    assert clf.history_["validation_accuracy"].notna().all()
+    assert list(clf.classes_) == [0, 1, 2]
+    no_val = clone(clf).set_params(validation_fraction=None).fit(X[seen], y[seen])
+    assert no_val.history_["validation_accuracy"].isna().all()
+    assert no_val.best_epoch_ == 2
+
+
+def test_identity_heads_skip_their_retrieval_and_match_the_full_computation(monkeypatch):
+    memory, X, y = _multimodal_memory()
+    clf = MemoryModularClassifier(max_epochs=0, memory=memory, random_state=0).fit(X, y)
+    assert clf._identity == {"image": True, "text": True}
+    trained = MemoryModularClassifier(max_epochs=2, memory=memory, validation_fraction=None,
+                                      random_state=0).fit(X[:5], y[:5])
+    assert trained._identity == {"image": False, "text": False}
+    full = clf._all_logits(clf._queries(X, explain=True), attention={})
+    searched = []
+    monkeypatch.setattr(mml._MemoryView, "neighbours", lambda *args: searched.append(args))
+    np.testing.assert_allclose(clf.decision_function(X), full, rtol=1e-5, atol=1e-5)
+    assert not searched
+
+
 def test_ablations_run(digits):
     memory, X, y = _multimodal_memory()
     for params in ({"retrieval": "none"}, {"unified_memory": True}, {"branches": "text"},
@@ -267,7 +293,7 @@ def test_missing_neighbours_of_an_approximate_index_get_no_attention():
     X, y = rng.normal(size=(2000, 16)).astype(np.float32), rng.integers(0, 5, 2000)
     clf = MemoryModularClassifier(max_epochs=1, index="IVF64,Flat", index_params={"nprobe": 1},
                                   index_device="cpu", random_state=0).fit(X, y)
-    assert (clf._queries(X[:200]).rows["image"] < 0).any()
+    assert (clf._queries(X[:200], explain=True).rows["image"] < 0).any()
     table = clf.explain(X[:200])
     assert np.isfinite(table["similarity"]).all()
     np.testing.assert_allclose(table.groupby("query")["attention"].sum(), 1.0, rtol=1e-5)
