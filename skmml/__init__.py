@@ -1,17 +1,25 @@
 """skmml: memory-modular, retrieval-augmented classification for scikit-learn."""
 
+from .builders import build_memory
+from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder
 from .knn import KNNVoteClassifier
 from .memory import Memory, MemoryBank
 from .mml import MemoryModularClassifier
 from .retrieval import NeighborIndex
+from .zero_shot import ZeroShotCLIPClassifier
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CLIPImageEncoder",
+    "CLIPTextEncoder",
     "KNNVoteClassifier",
     "Memory",
     "MemoryBank",
     "MemoryModularClassifier",
     "NeighborIndex",
+    "TimmImageEncoder",
+    "ZeroShotCLIPClassifier",
     "__version__",
+    "build_memory",
 ]

@@ -249,6 +249,16 @@ class Memory:
         self.text = text if text is not None and len(text) else _empty_bank(dim, dtype)
 
     @classmethod
+    def from_folder(cls, root, image_encoder, text_encoder=None, **kwargs):
+        """A memory from ``root/<class>/*.jpg`` and optional ``root/<class>.txt`` documents.
+
+        See :func:`skmml.builders.memory_from_folder` for the parameters.
+        """
+        from .builders import memory_from_folder
+
+        return memory_from_folder(root, image_encoder, text_encoder, **kwargs)
+
+    @classmethod
     def _from_banks(cls, image, text, check=False):
         memory = cls.__new__(cls)
         memory._set_banks(image, text, check)

@@ -1,0 +1,669 @@
+"""Frozen encoders as scikit-learn transformers: raw images and texts to embeddings.
+
+:class:`CLIPImageEncoder` and :class:`CLIPTextEncoder` wrap an open_clip
+model, :class:`TimmImageEncoder` a timm image backbone. Each maps a list of
+inputs to L2-normalised float32 embeddings ``(n, d)``, so raw data flows
+through a :class:`~sklearn.pipeline.Pipeline` into the classifiers.
+
+The encoders are stateless: nothing heavy happens in ``__init__`` or ``fit``;
+the model loads on the first ``transform`` and is kept in a per-process
+registry keyed by its configuration, so the image and text encoders of one
+CLIP model share it, clones share it, and a pickle holds only the
+configuration.
+"""
+
+import hashlib
+import os
+import threading
+from numbers import Integral
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from tqdm.auto import tqdm
+
+__all__ = ["CLIPImageEncoder", "CLIPTextEncoder", "TimmImageEncoder", "clear_model_cache"]
+
+_MODELS = {}
+_LOCK = threading.Lock()
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def clear_model_cache():
+    """Release every model the encoders of this process have loaded."""
+    with _LOCK:
+        _MODELS.clear()
+
+
+def _torch_device(device):
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no GPU.")
+    return device
+
+
+def _shared(key, load):
+    """The model of `key`, loaded once per process by `load()`."""
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load()
+        return _MODELS[key]
+
+
+def _require(module, extra):
+    try:
+        return __import__(module)
+    except ImportError as error:
+        raise ImportError(
+            f"{module} is not installed; install it with `pip install skmml[{extra}]`."
+        ) from error
+
+
+# -- open_clip ---------------------------------------------------------------------------
+
+
+def _is_local(pretrained):
+    return pretrained is not None and os.path.exists(os.path.expanduser(str(pretrained)))
+
+
+def _load_clip(model_name, pretrained, device, precision):
+    """(model, preprocess, tokenizer) of an open_clip model, with errors that say what to do."""
+    open_clip = _require("open_clip", "clip")
+    name = model_name
+    source, remote = pretrained, pretrained is not None and not _is_local(pretrained)
+    if pretrained is not None and str(pretrained).startswith("hf-hub:"):
+        name, pretrained = str(pretrained), None
+    elif _is_local(pretrained):
+        pretrained = os.path.expanduser(str(pretrained))
+    if not name.startswith("hf-hub:") and name not in open_clip.list_models():
+        raise ValueError(
+            f"Unknown open_clip model {name!r}: open_clip.list_models() lists the known "
+            "ones, and open_clip.add_model_config() registers a custom one."
+        )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, precision=precision
+        )
+    except Exception as error:  # noqa: BLE001 - re-raised with guidance
+        if not remote:
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise OSError(
+            f"Could not get the pretrained weights of {model_name!r} from {source!r}"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {error}. Without network access, "
+            "download the checkpoint elsewhere and pass its local path as `pretrained`, or "
+            "point HF_HOME at a Hugging Face cache that holds it."
+        ) from error
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+# -- image inputs ------------------------------------------------------------------------
+
+
+def _describe(item):
+    if isinstance(item, (str, Path)):
+        return repr(str(item))
+    if isinstance(item, np.ndarray):
+        return f"array of shape {item.shape} and dtype {item.dtype}"
+    return type(item).__name__
+
+
+def _image_items(X):
+    """The images of `X` as a list, checked without decoding them.
+
+    A list, tuple or 1-d array holds one image per element; a 3-d uint8
+    array is ``n`` greyscale images and a 4-d one ``n`` colour images.
+    """
+    from PIL import Image
+
+    if isinstance(X, (str, Path, Image.Image)):
+        raise TypeError(
+            "transform() takes a collection of images; wrap a single image in a list."
+        )
+    if isinstance(X, np.ndarray) and X.ndim in (3, 4) and X.dtype != object:
+        items = list(X)
+    elif isinstance(X, np.ndarray) and X.ndim != 1:
+        raise ValueError(
+            f"Expected a list of images or an array of shape (n, H, W) or (n, H, W, 3); "
+            f"got an array of shape {X.shape}."
+        )
+    else:
+        try:
+            items = list(X)
+        except TypeError:
+            raise TypeError(
+                f"Expected a collection of images, got {type(X).__name__}."
+            ) from None
+    if not items:
+        raise ValueError("No images: the input is empty.")
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            if not os.path.isfile(item):
+                raise FileNotFoundError(f"Image {i}: no such file {str(item)!r}.")
+        elif isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or not (
+                item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))
+            ):
+                raise ValueError(
+                    f"Image {i}: expected a uint8 array of shape (H, W) or (H, W, 3), got an "
+                    f"{_describe(item)}."
+                )
+        elif not isinstance(item, Image.Image):
+            raise TypeError(
+                f"Image {i}: expected a file path, a PIL image or a uint8 array, got "
+                f"{type(item).__name__}."
+            )
+    return items
+
+
+def _to_rgb(item):
+    from PIL import Image
+
+    if isinstance(item, np.ndarray):
+        item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
+    elif not isinstance(item, Image.Image):
+        with Image.open(item) as image:
+            return image.convert("RGB")
+    return item.convert("RGB")
+
+
+class _Images:
+    """Map-style dataset: decode and preprocess image `i`, naming it on failure."""
+
+    def __init__(self, items, preprocess):
+        self.items, self.preprocess = items, preprocess
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        try:
+            image = _to_rgb(self.items[i])
+        except Exception as error:  # noqa: BLE001 - re-raised naming the image
+            raise ValueError(
+                f"Image {i} ({_describe(self.items[i])}) could not be read: {error}"
+            ) from error
+        return self.preprocess(image)
+
+
+class _EmbeddingCache:
+    """On-disk embeddings of image files, keyed by path, mtime, size and model.
+
+    One ``.npy`` file per image under ``location/skmml-embeddings/<model>/``;
+    no pickle.
+    """
+
+    def __init__(self, location, model_key):
+        folder = hashlib.sha1(repr(model_key).encode()).hexdigest()[:16]
+        self.root = Path(location) / "skmml-embeddings" / folder
+
+    def path(self, file):
+        stat = os.stat(file)
+        key = f"{os.path.abspath(file)}|{stat.st_mtime_ns}|{stat.st_size}"
+        return self.root / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+
+    def load(self, files):
+        """Paths of the cache entries, and the cached embedding of each file or None."""
+        paths = [self.path(f) for f in files]
+        return paths, [np.load(p) if p.exists() else None for p in paths]
+
+    def store(self, paths, embeddings):
+        self.root.mkdir(parents=True, exist_ok=True)
+        for path, embedding in zip(paths, embeddings):
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, embedding)
+            os.replace(tmp, path)
+
+
+_COMMON_CONSTRAINTS = {
+    "device": [StrOptions({"auto", "cpu", "cuda"})],
+    "batch_size": [Interval(Integral, 1, None, closed="left")],
+    "precision": [StrOptions(set(_DTYPES))],
+    "verbose": ["verbose"],
+}
+
+
+class _Encoder(TransformerMixin, BaseEstimator):
+    """Shared machinery: stateless fit, batching, progress, normalisation."""
+
+    def fit(self, X=None, y=None):
+        """Check the parameters; the encoder is frozen, so nothing is learned.
+
+        Parameters
+        ----------
+        X : ignored
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.non_deterministic = self.device != "cpu"
+        return tags
+
+    def _batches(self, n):
+        return tqdm(range(0, n, self.batch_size), desc=type(self).__name__,
+                    disable=not self.verbose, unit="batch")
+
+
+class _ImageEncoder(_Encoder):
+    """Image inputs: paths, PIL images, uint8 arrays; parallel decoding; file cache."""
+
+    _parameter_constraints = {
+        **_COMMON_CONSTRAINTS,
+        "n_jobs": [Integral, None],
+        "cache": [str, os.PathLike, HasMethods(["cache"]), None],
+    }
+
+    def _workers(self, n_items):
+        if n_items <= self.batch_size:  # one batch: starting workers costs more than it saves
+            return 0
+        n_jobs = self.n_jobs if self.n_jobs is not None else 1
+        return max(os.cpu_count() + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs
+
+    def transform(self, X):
+        """Embed images.
+
+        Parameters
+        ----------
+        X : list of images, or array of shape (n, H, W) or (n, H, W, 3)
+            File paths (str or :class:`pathlib.Path`), PIL images, or uint8
+            arrays of shape (H, W) or (H, W, 3); greyscale is converted to RGB.
+
+        Returns
+        -------
+        embeddings : ndarray of shape (n, d), float32, unit rows
+        """
+        self._validate_params()
+        items = _image_items(X)
+        cache = self._cache()
+        if cache is None:
+            return self._encode(items)
+        files = [i for i, item in enumerate(items) if isinstance(item, (str, Path))]
+        paths, cached = cache.load([items[i] for i in files])
+        hits = dict(zip(files, cached))
+        todo = [i for i in range(len(items)) if hits.get(i) is None]
+        fresh = self._encode([items[i] for i in todo]) if todo else None
+        if fresh is not None:
+            where = dict(zip(files, paths))
+            new = [(where[i], row) for i, row in zip(todo, fresh) if i in where]
+            cache.store([p for p, _ in new], [row for _, row in new])
+            hits.update(zip(todo, fresh))
+        return np.stack([hits[i] for i in range(len(items))]).astype(np.float32, copy=False)
+
+    def _cache(self):
+        if self.cache is None:
+            return None
+        location = getattr(self.cache, "location", self.cache)  # a joblib.Memory or a folder
+        if location is None:
+            return None
+        return _EmbeddingCache(location, self._model_key())
+
+    def _encode(self, items):
+        import torch
+
+        model, preprocess, device = self._image_model()
+        loader = torch.utils.data.DataLoader(
+            _Images(items, preprocess), batch_size=self.batch_size,
+            num_workers=self._workers(len(items)), pin_memory=device == "cuda",
+        )
+        dtype = getattr(torch, _DTYPES[self.precision])
+        out = np.empty((len(items), 0), dtype=np.float32)
+        start = 0
+        bar = tqdm(total=len(items), desc=type(self).__name__, disable=not self.verbose,
+                   unit="img")
+        with torch.inference_mode():
+            for batch in loader:
+                features = self._forward(model, batch.to(device, dtype, non_blocking=True))
+                features = torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy()
+                if not start:
+                    out = np.empty((len(items), features.shape[1]), dtype=np.float32)
+                out[start:start + len(features)] = features
+                start += len(features)
+                bar.update(len(features))
+        bar.close()
+        return out
+
+
+class CLIPImageEncoder(_ImageEncoder):
+    """Embed images with an open_clip CLIP model's image tower.
+
+    Parameters
+    ----------
+    model_name : str, default="ViT-B-32"
+        An open_clip architecture (``open_clip.list_models()``), including
+        configurations registered with ``open_clip.add_model_config``.
+    pretrained : str or path-like, default="openai"
+        An open_clip pretrained tag (e.g. "openai", "laion2b_s34b_b79k"),
+        an ``hf-hub:org/repo`` id, a local checkpoint file, or None for
+        random weights. A local file loads with no network access; tags and
+        hub ids are fetched by open_clip into the Hugging Face cache and
+        honour ``HF_HUB_OFFLINE`` / ``HF_HOME``.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+        "auto" picks CUDA when torch sees a GPU.
+    batch_size : int, default=64
+        Images per forward pass.
+    precision : {"fp32", "fp16", "bf16"}, default="fp32"
+        Precision of the model weights and inputs; the output is float32.
+    n_jobs : int, default=None
+        Worker processes that decode and preprocess images while the model
+        runs (a torch DataLoader); None means 1, -1 all CPUs, 0 decodes in the
+        calling process. Inputs that fit in one batch are decoded in-process.
+    cache : str, path-like or joblib.Memory, default=None
+        Folder of an on-disk cache of the embeddings of image *files*, keyed
+        by path, modification time, size and model configuration.
+    verbose : int, default=0
+        Show a progress bar.
+
+    See Also
+    --------
+    CLIPTextEncoder : the text tower of the same model (shared in memory).
+    TimmImageEncoder : image-only backbones from timm.
+
+    Examples
+    --------
+    A tiny custom architecture with random weights (``pretrained=None``);
+    with a network, ``CLIPImageEncoder()`` is OpenAI's ViT-B/32:
+
+    >>> import json, pathlib, tempfile
+    >>> import numpy as np, open_clip
+    >>> from skmml import CLIPImageEncoder
+    >>> config = {"embed_dim": 16,
+    ...           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
+    ...                          "head_width": 16, "patch_size": 16},
+    ...           "text_cfg": {"context_length": 77, "vocab_size": 49408,
+    ...                        "width": 32, "heads": 2, "layers": 1}}
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny-clip.json"
+    >>> _ = path.write_text(json.dumps(config))
+    >>> open_clip.add_model_config(path)
+    >>> encoder = CLIPImageEncoder("tiny-clip", pretrained=None, device="cpu")
+    >>> images = np.random.default_rng(0).integers(0, 256, (2, 40, 30, 3), dtype=np.uint8)
+    >>> encoder.transform(images).shape
+    (2, 16)
+    """
+
+    _parameter_constraints = {
+        **_ImageEncoder._parameter_constraints,
+        "model_name": [str],
+        "pretrained": [str, os.PathLike, None],
+    }
+
+    def __init__(self, model_name="ViT-B-32", pretrained="openai", *, device="auto",
+                 batch_size=64, precision="fp32", n_jobs=None, cache=None, verbose=0):
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = device
+        self.batch_size = batch_size
+        self.precision = precision
+        self.n_jobs = n_jobs
+        self.cache = cache
+        self.verbose = verbose
+
+    def _model_key(self):
+        return ("clip", self.model_name, str(self.pretrained), self.precision)
+
+    def _clip(self):
+        device = _torch_device(self.device)
+        return device, _shared(self._model_key() + (device,), lambda: _load_clip(
+            self.model_name, self.pretrained, device, self.precision))
+
+    def _image_model(self):
+        device, (model, preprocess, _) = self._clip()
+        return model, preprocess, device
+
+    @staticmethod
+    def _forward(model, batch):
+        return model.encode_image(batch)
+
+
+class CLIPTextEncoder(_Encoder):
+    """Embed texts with an open_clip CLIP model's text tower.
+
+    Texts longer than the model's context length (77 tokens for CLIP) are
+    truncated by the tokenizer.
+
+    Parameters
+    ----------
+    model_name : str, default="ViT-B-32"
+        As for :class:`CLIPImageEncoder`; the same model and ``pretrained``
+        share one loaded model.
+    pretrained : str or path-like, default="openai"
+        As for :class:`CLIPImageEncoder`.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+    batch_size : int, default=256
+        Texts per forward pass.
+    precision : {"fp32", "fp16", "bf16"}, default="fp32"
+    verbose : int, default=0
+        Show a progress bar.
+
+    Examples
+    --------
+    The tiny model of :class:`CLIPImageEncoder`'s example:
+
+    >>> import json, pathlib, tempfile
+    >>> import open_clip
+    >>> from skmml import CLIPTextEncoder
+    >>> config = {"embed_dim": 16,
+    ...           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
+    ...                          "head_width": 16, "patch_size": 16},
+    ...           "text_cfg": {"context_length": 77, "vocab_size": 49408,
+    ...                        "width": 32, "heads": 2, "layers": 1}}
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny-clip.json"
+    >>> _ = path.write_text(json.dumps(config))
+    >>> open_clip.add_model_config(path)
+    >>> encoder = CLIPTextEncoder("tiny-clip", pretrained=None, device="cpu")
+    >>> encoder.transform(["a photo of a cat.", "a photo of a dog."]).shape
+    (2, 16)
+    """
+
+    _parameter_constraints = {
+        **_COMMON_CONSTRAINTS,
+        "model_name": [str],
+        "pretrained": [str, os.PathLike, None],
+    }
+
+    _model_key = CLIPImageEncoder._model_key
+    _clip = CLIPImageEncoder._clip
+
+    def __init__(self, model_name="ViT-B-32", pretrained="openai", *, device="auto",
+                 batch_size=256, precision="fp32", verbose=0):
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = device
+        self.batch_size = batch_size
+        self.precision = precision
+        self.verbose = verbose
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.string = True
+        return tags
+
+    def transform(self, X):
+        """Embed texts.
+
+        Parameters
+        ----------
+        X : list of str
+            The texts (a 1-d array or pandas Series of str works too).
+
+        Returns
+        -------
+        embeddings : ndarray of shape (n, d), float32, unit rows
+        """
+        import torch
+
+        self._validate_params()
+        texts = _texts(X)
+        device, (model, _, tokenizer) = self._clip()
+        out = None
+        with torch.inference_mode():
+            for start in self._batches(len(texts)):
+                tokens = tokenizer(texts[start:start + self.batch_size]).to(device)
+                features = torch.nn.functional.normalize(
+                    model.encode_text(tokens).float(), dim=1).cpu().numpy()
+                if out is None:
+                    out = np.empty((len(texts), features.shape[1]), dtype=np.float32)
+                out[start:start + len(features)] = features
+        return out
+
+
+def _texts(X):
+    if isinstance(X, str):
+        raise TypeError("transform() takes a collection of texts; wrap a single text in a list.")
+    try:
+        texts = list(X)
+    except TypeError:
+        raise TypeError(f"Expected a collection of texts, got {type(X).__name__}.") from None
+    if not texts:
+        raise ValueError("No texts: the input is empty.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"Text {i} is a {type(text).__name__}, not a str: {text!r:.80}.")
+    return texts
+
+
+# -- timm --------------------------------------------------------------------------------
+
+
+def _read_state_dict(path):
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict ({type(state).__name__}).")
+    return state
+
+
+def _load_state_dict(model, state, path):
+    """Load by name; failing that, position by position when every shape matches in order.
+
+    The positional fallback loads checkpoints saved from a re-implementation
+    with other parameter names (e.g. ``efficientnet_pytorch`` weights into
+    timm's ``tf_efficientnet_lite0``).
+    """
+    target = model.state_dict()
+    if set(state) == set(target):
+        model.load_state_dict(state)
+        return
+    if len(state) == len(target) and all(
+        a.shape == b.shape for a, b in zip(state.values(), target.values())
+    ):
+        model.load_state_dict(dict(zip(target, state.values())))
+        return
+    raise ValueError(
+        f"{path} does not fit {type(model).__name__}: its {len(state)} tensors match the "
+        f"model's {len(target)} neither by name nor by position and shape."
+    )
+
+
+def _load_timm(model_name, pretrained, device, precision):
+    timm = _require("timm", "timm")
+    import torch
+
+    if model_name not in timm.list_models() and model_name not in timm.list_models(
+            pretrained=True):
+        raise ValueError(f"Unknown timm model {model_name!r}: timm.list_models() lists them.")
+    if isinstance(pretrained, bool):
+        try:
+            model = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+        except Exception as error:  # noqa: BLE001 - re-raised with guidance
+            if not pretrained:
+                raise
+            raise OSError(
+                f"Could not get the pretrained weights of timm's {model_name!r}: {error}. "
+                "Without network access, pass a local checkpoint file as `pretrained`."
+            ) from error
+    else:
+        path = os.path.expanduser(str(pretrained))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No checkpoint file {path!r}.")
+        model = timm.create_model(model_name, pretrained=False)
+        _load_state_dict(model, _read_state_dict(path), path)
+        model.reset_classifier(0)
+    config = timm.data.resolve_model_data_config(model)
+    preprocess = timm.data.create_transform(**config, is_training=False)
+    model = model.to(device=device, dtype=getattr(torch, _DTYPES[precision])).eval()
+    return model, preprocess
+
+
+class TimmImageEncoder(_ImageEncoder):
+    """Embed images with a timm backbone (DINOv2, EfficientNet, ResNet, ...).
+
+    The classifier is removed (``num_classes=0``): the embedding is the
+    backbone's pooled feature, L2-normalised. Preprocessing is timm's
+    evaluation transform for the model.
+
+    Parameters
+    ----------
+    model_name : str, default="vit_small_patch14_dinov2.lvd142m"
+        A timm model name (``timm.list_models()``).
+    pretrained : bool, str or path-like, default=True
+        True fetches timm's pretrained weights (Hugging Face Hub, honouring
+        ``HF_HUB_OFFLINE`` / ``HF_HOME``), False keeps random weights, and a
+        file path loads that state dict with no network access: by parameter
+        name, or position by position when the names differ but every shape
+        matches in order.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+    batch_size : int, default=64
+    precision : {"fp32", "fp16", "bf16"}, default="fp32"
+    n_jobs : int, default=None
+        Decoding workers, as for :class:`CLIPImageEncoder`.
+    cache : str, path-like or joblib.Memory, default=None
+        On-disk cache of the embeddings of image files.
+    verbose : int, default=0
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmml import TimmImageEncoder
+    >>> encoder = TimmImageEncoder("resnet18", pretrained=False, device="cpu")
+    >>> encoder.transform(np.zeros((3, 32, 32), dtype=np.uint8)).shape
+    (3, 512)
+    """
+
+    _parameter_constraints = {
+        **_ImageEncoder._parameter_constraints,
+        "model_name": [str],
+        "pretrained": ["boolean", str, os.PathLike],
+    }
+
+    def __init__(self, model_name="vit_small_patch14_dinov2.lvd142m", pretrained=True, *,
+                 device="auto", batch_size=64, precision="fp32", n_jobs=None, cache=None,
+                 verbose=0):
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = device
+        self.batch_size = batch_size
+        self.precision = precision
+        self.n_jobs = n_jobs
+        self.cache = cache
+        self.verbose = verbose
+
+    def _model_key(self):
+        return ("timm", self.model_name, str(self.pretrained), self.precision)
+
+    def _image_model(self):
+        device = _torch_device(self.device)
+        model, preprocess = _shared(self._model_key() + (device,), lambda: _load_timm(
+            self.model_name, self.pretrained, device, self.precision))
+        return model, preprocess, device
+
+    @staticmethod
+    def _forward(model, batch):
+        return model(batch)

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny random open_clip model in a local checkpoint, images on disk."""
+
+import json
+
+import numpy as np
+import pytest
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                   "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """(model_name, checkpoint path) of a tiny randomly initialised CLIP saved locally."""
+    open_clip = pytest.importorskip("open_clip")
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    config = folder / "skmml-tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("skmml-tiny-clip", pretrained=None)
+    checkpoint = folder / "tiny_clip.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return "skmml-tiny-clip", str(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """root/<class>/*.png (3 classes x 4 greyscale PNGs) and root/<class>.txt documents."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["circle", "square", "stripe"]):
+        (root / name).mkdir()
+        for i in range(4):
+            pixels = (rng.integers(0, 60, (20, 24)) + 60 * c).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+        (root / f"{name}.txt").write_text(
+            f"A {name} is a shape. It is drawn often!\n== References ==\nBook (1999).\n"
+        )
+    (root / "notes.md").write_text("not an image")
+    return root
