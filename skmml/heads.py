@@ -99,12 +99,12 @@ class IntegrationHead(nn.Module):
         out : Tensor of shape (batch, d)
         """
         q = self.q_proj(self.ln_q(query))
-        k, v = keys[neighbours], values[neighbours]
-        scores = torch.einsum("bd,bkd->bk", q, k) / math.sqrt(self.dim)
+        scores = torch.bmm(keys[neighbours], q[:, :, None])[:, :, 0] / math.sqrt(self.dim)
         if valid is not None:
             scores = scores.masked_fill(~valid, -torch.inf)
         attention = scores.softmax(dim=1).nan_to_num(0.0)
-        x = query + self.out_proj(torch.einsum("bk,bkd->bd", attention, v))
+        attended = torch.bmm(attention[:, None, :], values[neighbours])[:, 0]
+        x = query + self.out_proj(attended)
         x = x + self.mlp(self.ln_2(x))
         out = x + query
         return (out, attention) if return_attention else out

