@@ -227,7 +227,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             self._adopt(memory, self._index.add(memory.image, X.shape[0]), self.pruning_)
         return self
 
-    def set_memory(self, memory, mode="replace"):
+    def set_memory(self, memory, mode="replace", *, reassign_ids=False):
         """Replace the memory, or expand it with new items; no retraining.
 
         Parameters
@@ -237,6 +237,9 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             (``mode="expand"``; ids must not clash with the current memory's).
         mode : {"replace", "expand"}, default="replace"
             Replace builds a new index; expand indexes only the added items.
+        reassign_ids : bool, default=False
+            With ``mode="expand"``, give the added items new ids after the
+            largest in memory instead of raising on clashing ids.
 
         Returns
         -------
@@ -247,7 +250,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
         if mode == "expand":
             check_is_fitted(self)
-            new = self.memory_.expand(memory)
+            new = self.memory_.expand(memory, reassign_ids=reassign_ids)
             n_new = len(new.image) - len(self.memory_.image)
             self._adopt(new, self._index.add(new.image, n_new), self.pruning_)
         elif mode == "replace":

@@ -611,7 +611,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             self._projected[branch] = head.project_memory(items)
         return self._projected[branch]
 
-    def set_memory(self, memory, mode="replace", support=None):
+    def set_memory(self, memory, mode="replace", support=None, *, reassign_ids=False):
         """Replace the memory (unseen classes, no retraining) or expand it.
 
         Parameters
@@ -625,6 +625,9 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             the image prototype of each of their classes (ProtoNet style).
             It stays in force through :meth:`forget` and expansion, until a
             replacement.
+        reassign_ids : bool, default=False
+            With ``mode="expand"``, give the added items new ids after the
+            largest in memory instead of raising on clashing ids.
 
         Returns
         -------
@@ -634,7 +637,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         if not isinstance(memory, Memory):
             raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
         if mode == "expand":
-            memory = self.memory_.expand(memory)
+            memory = self.memory_.expand(memory, reassign_ids=reassign_ids)
             support = self._support if support is None else support
         elif mode != "replace":
             raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")

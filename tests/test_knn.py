@@ -447,3 +447,15 @@ def test_failed_refit_leaves_a_fitted_classifier_usable(digits):
         clf.fit(X_test[:, :4])
     assert clf.n_features_in_ == 64
     np.testing.assert_array_equal(clf.predict(X_test), expected)
+
+
+def test_expand_with_clashing_ids_can_renumber():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 5)), np.repeat([0, 1, 2], 20)
+    clf = KNNVoteClassifier(n_neighbors=3).fit(X[:40], y[:40])
+    with pytest.raises(ValueError, match="reassign_ids=True"):
+        clf.set_memory(Memory(X[40:], y[40:]), mode="expand")
+    assert len(clf.memory_.image) == 40
+    clf.set_memory(Memory(X[40:], y[40:]), mode="expand", reassign_ids=True)
+    np.testing.assert_array_equal(clf.memory_.image.ids, np.arange(60))
+    assert 2 in clf.classes_

@@ -309,3 +309,13 @@ def test_failed_refit_leaves_a_fitted_classifier_usable():
         clf.fit(X[:, :4], y)
     assert clf.n_features_in_ == 16
     np.testing.assert_array_equal(clf.predict(X), expected)
+
+
+def test_expand_with_clashing_ids_can_renumber(digits):
+    X, y = digits
+    clf = MemoryModularClassifier(max_epochs=0).fit(X[:300][y[:300] < 5], y[:300][y[:300] < 5])
+    new = Memory(X[300:600][y[300:600] >= 5], y[300:600][y[300:600] >= 5])
+    with pytest.raises(ValueError, match="reassign_ids=True"):
+        clf.set_memory(new, mode="expand")
+    clf.set_memory(new, mode="expand", reassign_ids=True)
+    np.testing.assert_array_equal(clf.classes_, np.arange(10))
