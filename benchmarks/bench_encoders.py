@@ -6,8 +6,8 @@ encode one batch after another in one process). The wrapper decodes and
 preprocesses in DataLoader worker processes while the model runs.
 
 The weights do not change the speed, so with no network the model is the
-named architecture with random weights; ``--pretrained PATH`` loads a local
-checkpoint instead. Files: 320x320 JPEGs made from scikit-learn's digits,
+named architecture with random weights, saved once to a local checkpoint that
+both load; ``--pretrained PATH`` loads another local checkpoint instead. Files: 320x320 JPEGs made from scikit-learn's digits,
 written to a cache folder outside the repository.
 
 Run: ``python benchmarks/bench_encoders.py [--model ViT-B-32] [--n-images 256]
@@ -79,10 +79,16 @@ def main():
 
     import open_clip
 
+    if args.pretrained is None:
+        args.pretrained = str(CACHE / f"{args.model}_random_weights.pt")
+        if not os.path.exists(args.pretrained):
+            torch.manual_seed(0)
+            CACHE.mkdir(parents=True, exist_ok=True)
+            torch.save(open_clip.create_model(args.model).state_dict(), args.pretrained)
     files = image_files(args.n_images)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), device {args.device}")
-    print(f"{args.model} ({'random weights' if args.pretrained is None else args.pretrained}), "
+    print(f"{args.model} ({args.pretrained}), "
           f"{len(files)} JPEG files of 320x320, batch size {args.batch_size}")
     model, _, preprocess = open_clip.create_model_and_transforms(
         args.model, pretrained=args.pretrained, device=args.device)

@@ -59,3 +59,19 @@ def test_zero_residual_init_starts_as_twice_the_query():
     assert not head.is_identity()
     with pytest.raises(ValueError, match="residual_init"):
         IntegrationHead(5, residual_init="small")
+
+
+def test_inference_without_gathers_matches_training_computation():
+    torch.manual_seed(0)
+    head = IntegrationHead(12)
+    query, memory = torch.randn(9, 12), torch.randn(30, 12)
+    neighbours = torch.randint(0, 30, (9, 5))
+    valid = torch.rand(9, 5) > 0.2
+    keys, values = head.project_memory(memory)
+    out, attention = head(query, keys, values, neighbours, valid, return_attention=True)
+    with torch.no_grad():
+        fast, fast_attention = head(query, keys, values, neighbours, valid,
+                                    return_attention=True)
+    torch.testing.assert_close(fast, out.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_attention, attention.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.all(fast_attention[~valid] == 0)
