@@ -94,9 +94,9 @@ def main():
         args.model, pretrained=args.pretrained, device=args.device)
     model.eval()
     encoders = {
-        f"CLIPImageEncoder(n_jobs={n})": CLIPImageEncoder(
+        f"CLIPImageEncoder(num_workers={n})": CLIPImageEncoder(
             args.model, pretrained=args.pretrained, device=args.device,
-            batch_size=args.batch_size, n_jobs=n)
+            batch_size=args.batch_size, num_workers=n)
         for n in (0, 1, 2)
     }
     reference = plain_loop(model, preprocess, files[:args.batch_size], args.batch_size,

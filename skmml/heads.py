@@ -33,6 +33,7 @@ def _neighbour_pattern(neighbours, weights, n_items):
     product, about 20x less time than the gathers.
     """
     batch, k = neighbours.shape
+    neighbours = neighbours.clamp(min=0)  # a missing neighbour (-1) is masked by `weights`
     crow = torch.arange(0, batch * k + 1, k, device=neighbours.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

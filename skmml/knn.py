@@ -254,6 +254,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             n_new = len(new.image) - len(self.memory_.image)
             self._adopt(new, self._index.add(new.image, n_new), self.pruning_)
         elif mode == "replace":
+            if reassign_ids:
+                raise ValueError("reassign_ids=True applies to mode='expand' only.")
             index = self._new_index().build(_image_bank(memory))
             self._adopt(memory, index, getattr(self, "pruning_", None))
             if getattr(self, "n_features_in_", None) != memory.n_features:

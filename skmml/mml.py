@@ -193,7 +193,9 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         ``min_validation_classes`` classes are held out, and at least two
         stay for training (so it needs four classes or more); with fewer
         classes this fraction of the training queries is held out instead,
-        with the whole memory. With None the heads train on all queries for
+        with the whole memory. With few validation queries and a high
+        untrained accuracy no trained epoch can clear that margin, so the
+        untrained heads stay. With None the heads train on all queries for
         ``max_epochs`` and the last epoch is kept.
     min_validation_classes : int, default=2
         Fewest held-out classes for validation-class model selection.
@@ -380,9 +382,11 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         _check_known(y, self.memory_)
         queries = _QuerySet(l2_normalize(X), np.searchsorted(self.classes_, y), self._view,
                             self.branches_, self)
-        self._epoch(self.heads_, self._optimizer(self.heads_), queries,
-                    check_random_state(self.random_state))
-        self._project_memory()  # the cached keys and values are stale
+        try:
+            self._epoch(self.heads_, self._optimizer(self.heads_), queries,
+                        check_random_state(self.random_state))
+        finally:
+            self._project_memory()  # the heads changed, even if the epoch was interrupted
         return self
 
     def _fit(self, X, y, max_epochs):
@@ -641,6 +645,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             support = self._support if support is None else support
         elif mode != "replace":
             raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
+        elif reassign_ids:
+            raise ValueError("reassign_ids=True applies to mode='expand' only.")
         if memory.n_features != self.n_features_in_:
             raise ValueError(
                 f"Dimension mismatch: the new memory holds {memory.n_features}-dimensional "

@@ -95,7 +95,7 @@ class ZeroShotCLIPClassifier(ClassifierMixin, BaseEstimator):
             classes = np.unique(y)
             templates = IMAGENET_TEMPLATES if self.templates == "imagenet" else self.templates
             if not len(templates) or any(
-                    not isinstance(t, str) or "{}" not in t for t in templates):
+                    not isinstance(t, str) or t.count("{}") != 1 for t in templates):
                 raise ValueError("templates must be strings that each hold one '{}'.")
             names = self.class_names or {}
             prompts = [p for c in classes for p in fill_templates(str(names.get(c, c)), templates)]

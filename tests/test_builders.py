@@ -11,7 +11,7 @@ def _flatten(images):
 
 
 def _letters(texts):
-    return np.array([[t.count(c) + 0.5 for c in "abcdefghijklmnop"] for t in texts])
+    return np.array([[t.count(c) + 0.5 for c in "abcdefghijklmnopqrstuvwxy"] for t in texts])
 
 
 IMAGE = FunctionTransformer(_flatten)
@@ -20,8 +20,8 @@ TEXT = FunctionTransformer(_letters)
 
 def test_build_memory_from_dicts():
     rng = np.random.default_rng(0)
-    images = {"a": list(rng.integers(0, 255, (3, 4, 4), dtype=np.uint8)),
-              "b": rng.integers(0, 255, (2, 4, 4), dtype=np.uint8)}
+    images = {"a": list(rng.integers(0, 255, (3, 5, 5), dtype=np.uint8)),
+              "b": rng.integers(0, 255, (2, 5, 5), dtype=np.uint8)}
     texts = {"a": ["an apple.", "a bee."],
              "b": "Bees buzz. They make honey.\n== References ==\nA book."}
     memory = build_memory(images, texts, image_encoder=IMAGE, text_encoder=TEXT)
@@ -82,3 +82,10 @@ def test_from_folder_with_clip(image_folder, tiny_clip, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="No images in"):
         Memory.from_folder(tmp_path / "empty", image_encoder)
+
+
+def test_a_single_image_per_class_is_one_item():
+    rgb = np.zeros((6, 5, 3), dtype=np.uint8)
+    memory = build_memory({"a": rgb, "b": rgb + 9, "c": [rgb, rgb]},
+                          image_encoder=IMAGE)
+    assert memory.counts()["image"].tolist() == [1, 1, 2]

@@ -59,8 +59,8 @@ def test_matches_a_plain_open_clip_loop(tiny_clip, image_encoder, files):
 
 
 def test_decoding_workers_give_the_same_result(image_encoder, files):
-    serial = image_encoder.set_params(n_jobs=0).transform(files)
-    parallel = clone(image_encoder).set_params(n_jobs=2).transform(files)
+    serial = image_encoder.set_params(num_workers=0).transform(files)
+    parallel = clone(image_encoder).set_params(num_workers=2).transform(files)
     np.testing.assert_allclose(parallel, serial, atol=1e-6)
 
 
@@ -139,7 +139,7 @@ def test_unreadable_file_is_named(image_encoder, files, tmp_path):
     with pytest.raises(ValueError, match=r"Image 5 \('.*broken.png'\) could not be read"):
         image_encoder.transform(files[:5] + [str(broken)] + files[5:])
     with pytest.raises(Exception, match="broken.png"):  # from a decoding worker
-        image_encoder.set_params(n_jobs=2).transform(files[:5] + [str(broken)] + files[5:])
+        image_encoder.set_params(num_workers=2).transform(files[:5] + [str(broken)] + files[5:])
 
 
 @pytest.mark.parametrize("texts, error, match", [
@@ -213,3 +213,62 @@ def test_timm_encoder_with_real_pretrained_weights():
     within = (Z[:4] @ Z[:4].T).min()
     across = (Z[:4] @ Z[4:].T).max()
     assert within > across
+
+
+def test_cache_follows_the_weights_file_and_survives_a_corrupt_entry(tiny_clip, files,
+                                                                      tmp_path):
+    import torch
+
+    name, checkpoint = tiny_clip
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(Path(checkpoint).read_bytes())
+    encoder = CLIPImageEncoder(name, pretrained=str(weights), device="cpu",
+                               cache=tmp_path / "cache")
+    first = encoder.transform(files[:1])
+    state = torch.load(weights, weights_only=True)
+    state["state_dict"] = {k: v + 0.01 for k, v in state["state_dict"].items()}
+    torch.save(state, weights)
+    os.utime(weights, ns=(0, 10**18))
+    changed = encoder.transform(files[:1])  # new weights: a new key, not the stale entry
+    assert np.abs(changed - first).max() > 1e-3
+    for entry in (tmp_path / "cache").rglob("*.npy"):
+        entry.write_bytes(b"garbage")
+    np.testing.assert_allclose(encoder.transform(files[:1]), changed, atol=1e-6)
+    with pytest.raises(ValueError, match="cache= needs fixed weights"):
+        CLIPImageEncoder(name, pretrained=None, device="cpu", cache=tmp_path).transform(
+            files[:1])
+
+
+def test_single_colour_array_is_not_read_as_a_stack(image_encoder):
+    with pytest.raises(ValueError, match=r"looks like one colour image; pass \[image\]"):
+        image_encoder.transform(np.zeros((40, 30, 3), np.uint8))
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(image_encoder, tmp_path):
+    dark = (np.full((20, 20), 1000, np.uint16))
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    eight = np.full((20, 20), round(1000 * 255 / 65535), np.uint8)
+    np.testing.assert_allclose(image_encoder.transform([str(tmp_path / "dark16.png")]),
+                               image_encoder.transform([eight]), atol=1e-6)
+
+
+def test_timm_checkpoints_with_any_or_no_classifier(tmp_path):
+    import timm
+    import torch
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    ten = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    torch.save(ten.state_dict(), tmp_path / "ten.pt")
+    headless = {k: v for k, v in ten.state_dict().items() if not k.startswith("fc.")}
+    torch.save({f"p{i}": v for i, v in enumerate(headless.values())}, tmp_path / "bare.pt")
+    expected = TimmImageEncoder("resnet18", pretrained=str(tmp_path / "ten.pt"),
+                                device="cpu").transform(images)
+    np.testing.assert_allclose(
+        TimmImageEncoder("resnet18", pretrained=str(tmp_path / "bare.pt"),
+                         device="cpu").transform(images), expected, atol=1e-6)
+    import argparse
+    torch.save({"state_dict": ten.state_dict(), "args": argparse.Namespace(lr=1)},
+               tmp_path / "train.pt")
+    with pytest.raises(ValueError, match="save `model.state_dict\\(\\)` alone"):
+        TimmImageEncoder("resnet18", pretrained=str(tmp_path / "train.pt"),
+                         device="cpu").transform(images)

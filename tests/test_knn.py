@@ -459,3 +459,10 @@ def test_expand_with_clashing_ids_can_renumber():
     clf.set_memory(Memory(X[40:], y[40:]), mode="expand", reassign_ids=True)
     np.testing.assert_array_equal(clf.memory_.image.ids, np.arange(60))
     assert 2 in clf.classes_
+
+
+def test_reassign_ids_only_with_expand():
+    rng = np.random.default_rng(0)
+    clf = KNNVoteClassifier(n_neighbors=3).fit(rng.normal(size=(20, 4)), np.arange(20) % 2)
+    with pytest.raises(ValueError, match="mode='expand' only"):
+        clf.set_memory(clf.memory_, reassign_ids=True)

@@ -319,3 +319,27 @@ def test_expand_with_clashing_ids_can_renumber(digits):
         clf.set_memory(new, mode="expand")
     clf.set_memory(new, mode="expand", reassign_ids=True)
     np.testing.assert_array_equal(clf.classes_, np.arange(10))
+
+
+def test_reassign_ids_only_with_expand_and_interrupted_partial_fit_refreshes_caches(
+        digits, monkeypatch):
+    X, y = digits
+    clf = MemoryModularClassifier(max_epochs=0, random_state=0).fit(X[:200], y[:200])
+    with pytest.raises(ValueError, match="mode='expand' only"):
+        clf.set_memory(clf.memory_, reassign_ids=True)
+    assert clf._identity == {"image": True}
+    steps = []
+
+    def failing_step(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        clf.set_params(batch_size=50).partial_fit(X[:200], y[:200])
+    assert clf._identity == {"image": False}  # the heads changed before the interruption
+    full = clf._all_logits(clf._queries(X[200:260], explain=True), attention={})
+    np.testing.assert_allclose(clf.decision_function(X[200:260]), full, rtol=1e-4, atol=1e-4)

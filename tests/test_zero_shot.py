@@ -79,3 +79,8 @@ def test_what_the_skipped_estimator_checks_cover():
         clf.predict(np.ones((1, 4)))
     one = ZeroShotCLIPClassifier(LETTERS, templates=["{}"]).fit(np.eye(3)[:1], ["a"])
     np.testing.assert_array_equal(one.predict(X), ["a"] * 6)
+
+
+def test_templates_need_exactly_one_placeholder():
+    with pytest.raises(ValueError, match="one '{}'"):
+        ZeroShotCLIPClassifier(LETTERS, templates=["{} and {}"]).fit(np.eye(3), [0, 1, 2])
