@@ -84,10 +84,10 @@ def build_memory(images=None, texts=None, *, image_encoder=None, text_encoder=No
     >>> from sklearn.preprocessing import FunctionTransformer
     >>> from skmml import build_memory
     >>> flatten = FunctionTransformer(lambda images: np.reshape(images, (len(images), -1)))
-    >>> grey = np.zeros((2, 4, 4), dtype=np.uint8)
+    >>> grey = np.zeros((2, 5, 5), dtype=np.uint8)
     >>> memory = build_memory({"dark": grey, "light": grey + 200}, image_encoder=flatten)
     >>> memory
-    Memory(n_images=4, n_texts=0, n_features=16, n_classes=2)
+    Memory(n_images=4, n_texts=0, n_features=25, n_classes=2)
     """
     if images is None and texts is None:
         raise ValueError("build_memory() needs images, texts or both.")
