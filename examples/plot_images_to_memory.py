@@ -95,7 +95,7 @@ query = int(np.flatnonzero(predicted != np.array(query_labels))[0]) if accuracy 
 table = knn.explain(encoder.transform([queries[query]]))
 print(table[["rank", "label", "similarity", "weight", "source"]].to_string(index=False))
 
-fig, axes = plt.subplots(1, 11, figsize=(13, 1.9))
+fig, axes = plt.subplots(1, 11, figsize=(13, 2.4))
 axes[0].imshow(Image.open(queries[query]), cmap="gray")
 axes[0].set_title(f"query\ntrue: {query_labels[query]}\npredicted: {predicted[query]}",
                   fontsize=8)
@@ -105,5 +105,6 @@ for ax, (_, row) in zip(axes[1:], table.iterrows()):
                  fontsize=8)
 for ax in axes:
     ax.axis("off")
-fig.suptitle("A decision explained by the memory images that voted", y=1.08)
+fig.suptitle("A decision explained by the memory images that voted")
+fig.tight_layout()
 plt.show()
