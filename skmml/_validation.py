@@ -33,6 +33,17 @@ def check_embeddings(X, *, name="embeddings", dim=None):
     return X
 
 
+def resolve_device(device):
+    """"cpu" or "cuda" for a ``device`` parameter; "auto" picks CUDA when torch sees a GPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no GPU.")
+    return device
+
+
 def l2_normalize(X):
     """Return the rows of float32 `X` scaled to unit L2 norm, read-only.
 

@@ -25,6 +25,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from tqdm.auto import tqdm
 
+from ._validation import resolve_device
+
 __all__ = ["CLIPImageEncoder", "CLIPTextEncoder", "TimmImageEncoder", "clear_model_cache"]
 
 _MODELS = {}
@@ -36,16 +38,6 @@ def clear_model_cache():
     """Release every model the encoders of this process have loaded."""
     with _LOCK:
         _MODELS.clear()
-
-
-def _torch_device(device):
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no GPU.")
-    return device
 
 
 def _shared(key, load):
@@ -225,18 +217,13 @@ class _EmbeddingCache:
         key = f"{os.path.abspath(file)}|{stat.st_mtime_ns}|{stat.st_size}"
         return self.root / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
-    def load(self, files):
-        """Paths of the cache entries, and the cached embedding of each file or None."""
-        paths = [self.path(f) for f in files]
-        return paths, [_read_entry(p) for p in paths]
-
-    def store(self, paths, embeddings):
+    def store(self, path, embedding):
+        """Write one entry atomically (a temporary file, then a rename)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for path, embedding in zip(paths, embeddings):
-            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, embedding)
-            os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, embedding)
+        os.replace(tmp, path)
 
 
 def _read_entry(path):
@@ -289,6 +276,10 @@ class _Encoder(TransformerMixin, BaseEstimator):
         tags.non_deterministic = self.device != "cpu"
         return tags
 
+    def _model_key(self):
+        """What identifies the model: kind, architecture, weights and precision."""
+        return (self._kind, self.model_name, _weights_id(self.pretrained), self.precision)
+
     def _batches(self, n):
         return tqdm(range(0, n, self.batch_size), desc=type(self).__name__,
                     disable=not self.verbose, unit="batch")
@@ -326,17 +317,15 @@ class _ImageEncoder(_Encoder):
         cache = self._cache()
         if cache is None:
             return self._encode(items)
-        files = [i for i, item in enumerate(items) if isinstance(item, (str, Path))]
-        paths, cached = cache.load([items[i] for i in files])
-        hits = dict(zip(files, cached))
-        todo = [i for i in range(len(items)) if hits.get(i) is None]
-        fresh = self._encode([items[i] for i in todo]) if todo else None
-        if fresh is not None:
-            where = dict(zip(files, paths))
-            new = [(where[i], row) for i, row in zip(todo, fresh) if i in where]
-            cache.store([p for p, _ in new], [row for _, row in new])
-            hits.update(zip(todo, fresh))
-        return np.stack([hits[i] for i in range(len(items))]).astype(np.float32, copy=False)
+        entries = [cache.path(item) if isinstance(item, (str, Path)) else None for item in items]
+        rows = [None if entry is None else _read_entry(entry) for entry in entries]
+        todo = [i for i, row in enumerate(rows) if row is None]
+        if todo:
+            for i, row in zip(todo, self._encode([items[i] for i in todo])):
+                rows[i] = row
+                if entries[i] is not None:
+                    cache.store(entries[i], row)
+        return np.stack(rows).astype(np.float32, copy=False)
 
     def _cache(self):
         if self.cache is None:
@@ -377,7 +366,18 @@ class _ImageEncoder(_Encoder):
         return out
 
 
-class CLIPImageEncoder(_ImageEncoder):
+class _CLIPModel:
+    """The open_clip model shared by the image and text encoders of one configuration."""
+
+    _kind = "clip"
+
+    def _clip(self):
+        device = resolve_device(self.device)
+        return device, _shared(self._model_key() + (device,), lambda: _load_clip(
+            self.model_name, self.pretrained, device, self.precision))
+
+
+class CLIPImageEncoder(_CLIPModel, _ImageEncoder):
     """Embed images with an open_clip CLIP model's image tower.
 
     Parameters
@@ -452,14 +452,6 @@ class CLIPImageEncoder(_ImageEncoder):
         self.cache = cache
         self.verbose = verbose
 
-    def _model_key(self):
-        return ("clip", self.model_name, _weights_id(self.pretrained), self.precision)
-
-    def _clip(self):
-        device = _torch_device(self.device)
-        return device, _shared(self._model_key() + (device,), lambda: _load_clip(
-            self.model_name, self.pretrained, device, self.precision))
-
     def _image_model(self):
         device, (model, preprocess, _) = self._clip()
         return model, preprocess, device
@@ -469,7 +461,7 @@ class CLIPImageEncoder(_ImageEncoder):
         return model.encode_image(batch)
 
 
-class CLIPTextEncoder(_Encoder):
+class CLIPTextEncoder(_CLIPModel, _Encoder):
     """Embed texts with an open_clip CLIP model's text tower.
 
     Texts longer than the model's context length (77 tokens for CLIP) are
@@ -515,8 +507,6 @@ class CLIPTextEncoder(_Encoder):
         "pretrained": [str, os.PathLike, None],
     }
 
-    _model_key = CLIPImageEncoder._model_key
-    _clip = CLIPImageEncoder._clip
 
     def __init__(self, model_name="ViT-B-32", pretrained="openai", *, device="auto",
                  batch_size=256, precision="fp32", verbose=0):
@@ -695,6 +685,7 @@ class TimmImageEncoder(_ImageEncoder):
         "model_name": [str],
         "pretrained": ["boolean", str, os.PathLike],
     }
+    _kind = "timm"
 
     def __init__(self, model_name="vit_small_patch14_dinov2.lvd142m", pretrained=True, *,
                  device="auto", batch_size=64, precision="fp32", num_workers=1, cache=None,
@@ -708,11 +699,8 @@ class TimmImageEncoder(_ImageEncoder):
         self.cache = cache
         self.verbose = verbose
 
-    def _model_key(self):
-        return ("timm", self.model_name, _weights_id(self.pretrained), self.precision)
-
     def _image_model(self):
-        device = _torch_device(self.device)
+        device = resolve_device(self.device)
         model, preprocess = _shared(self._model_key() + (device,), lambda: _load_timm(
             self.model_name, self.pretrained, device, self.precision))
         return model, preprocess, device

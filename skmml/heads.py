@@ -118,7 +118,8 @@ class IntegrationHead(nn.Module):
         out : Tensor of shape (batch, d)
         """
         q = self.q_proj(self.ln_q(query))
-        if torch.is_grad_enabled() or q.device.type != "cpu":
+        gather = torch.is_grad_enabled() or q.device.type != "cpu"
+        if gather:
             scores = torch.bmm(keys[neighbours], q[:, :, None])[:, :, 0]
         else:
             pattern = _neighbour_pattern(neighbours, torch.zeros_like(neighbours, dtype=q.dtype),
@@ -129,7 +130,7 @@ class IntegrationHead(nn.Module):
         if valid is not None:
             scores = scores.masked_fill(~valid, -torch.inf)
         attention = scores.softmax(dim=1).nan_to_num(0.0)
-        if torch.is_grad_enabled() or q.device.type != "cpu":
+        if gather:
             attended = torch.bmm(attention[:, None, :], values[neighbours])[:, 0]
         else:
             attended = _neighbour_pattern(neighbours, attention, len(values)) @ values

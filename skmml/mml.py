@@ -11,11 +11,12 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._validation import input_metadata_kept_on_error, l2_normalize
+from ._validation import input_metadata_kept_on_error, l2_normalize, resolve_device
 from .heads import IntegrationHead
 from .memory import Memory, concat_banks
 from .prototypes import PROTOTYPE_MODES, class_prototypes
@@ -25,11 +26,7 @@ BRANCHES = ("image", "text")
 
 
 def _torch_device(device):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no GPU.")
-    return torch.device(device)
+    return torch.device(resolve_device(device))
 
 
 def _as_tensor(array, device):
@@ -716,10 +713,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         -------
         proba : ndarray of shape (n_queries, n_classes)
         """
-        z = self._all_logits(self._queries(X)).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self._all_logits(self._queries(X)).astype(np.float64), copy=False)
 
     def predict(self, X):
         """The class with the largest logit.

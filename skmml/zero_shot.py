@@ -5,6 +5,7 @@ from numbers import Real
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -146,10 +147,7 @@ class ZeroShotCLIPClassifier(ClassifierMixin, BaseEstimator):
         -------
         proba : ndarray of shape (n_queries, n_classes)
         """
-        z = self.logit_scale * self._scores(X).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self.logit_scale * self._scores(X).astype(np.float64), copy=False)
 
     def predict(self, X):
         """The class of the nearest prototype.
