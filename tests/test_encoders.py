@@ -272,3 +272,13 @@ def test_timm_checkpoints_with_any_or_no_classifier(tmp_path):
     with pytest.raises(ValueError, match="save `model.state_dict\\(\\)` alone"):
         TimmImageEncoder("resnet18", pretrained=str(tmp_path / "train.pt"),
                          device="cpu").transform(images)
+
+
+def test_lower_precision_gives_float32_close_to_fp32(tiny_clip, files):
+    name, checkpoint = tiny_clip
+    full = CLIPImageEncoder(name, pretrained=checkpoint, device="cpu").transform(files[:4])
+    half = CLIPImageEncoder(name, pretrained=checkpoint, device="cpu",
+                            precision="bf16").transform(files[:4])
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, rtol=1e-5)
+    assert np.min(np.sum(half * full, axis=1)) > 0.99
