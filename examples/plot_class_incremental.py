@@ -144,6 +144,6 @@ plt.show()
 # The budget costs the kNN classifier a few points by the last stage, with
 # under a fifth of the memory: 20 herding-chosen images per digit still vote
 # correctly on most queries. The memory-modular classifier compares queries
-# with class prototypes, each the mean of at most 16 central items of its
+# with class prototypes, each the mean of the memory items of its
 # class, so it barely notices the budget; with heads trained on two classes
 # only, it trails kNN on these pixel features.

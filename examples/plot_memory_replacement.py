@@ -47,8 +47,8 @@ print(f"training: {len(y_seen)} images of 0-4; new memory: {len(y_pool)} images 
 # - the same heads trained for a fixed 2 epochs with no epoch selection
 #   (``validation_fraction=None``);
 # - the prototype classifier, ``MemoryModularClassifier(max_epochs=0)``:
-#   untrained, zero-initialised heads, so each query is compared with each
-#   class's prototype, the mean of its (at most 16) most central memory items;
+#   untrained heads whose residual gates are zero, so each query is compared
+#   with each class's prototype, the mean of its memory items;
 # - :class:`~skmml.KNNVoteClassifier` with rank voting over 10 neighbours.
 #
 # Each then gets a memory of the digits 5-9 and nothing else.
@@ -125,6 +125,8 @@ for draw in range(n_draws):
                 support = (X_pool[shot_rows], y_pool[shot_rows])
             else:
                 support = None
+            # As for kNN, n_neighbors may not exceed the memory: lower it.
+            mml.set_params(n_neighbors=min(32, len(memory_rows)))
             mml.set_memory(memory, support=support)
             curves[f"MML, {s} support shots"][i] += mml.score(X_test, y_test) / n_draws
         knn.set_params(n_neighbors=min(10, len(memory_rows)))
@@ -151,6 +153,6 @@ plt.show()
 # One memory image per class already gives a usable classifier, and a few
 # support shots lift it further: with a tiny memory, five shots make a better
 # prototype than the single memory item. Once the memory holds a handful of
-# images per class, its own (consensus) prototype is as good as the shots'
-# mean, and a *single* support shot replaces it with a worse one; support
+# images per class, its own prototype (the mean of its items) is as good as
+# the shots' mean, and a *single* support shot replaces it with a worse one; support
 # helps only where the memory is poorer than the shots.

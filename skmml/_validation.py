@@ -44,6 +44,24 @@ def resolve_device(device):
     return device
 
 
+def check_n_neighbors(k, n_items, bank="image", exclude_self=False):
+    """Raise the same error in every estimator when `k` exceeds a memory bank.
+
+    skmml never silently retrieves fewer than ``n_neighbors`` items: as
+    scikit-learn's ``kneighbors``, a memory smaller than ``n_neighbors`` is an
+    error that says how to fix it. With `exclude_self` (the training queries
+    are the memory and never retrieve themselves) one item fewer is available.
+    """
+    if k > n_items - exclude_self:
+        why = (" and a training query never retrieves itself, so n_neighbors must be "
+               "below that") if exclude_self else ""
+        raise ValueError(
+            f"n_neighbors={k} is larger than the memory, which holds {n_items} {bank} "
+            f"items{why}: lower n_neighbors (set_params(n_neighbors=...)) or add items "
+            "to the memory."
+        )
+
+
 def l2_normalize(X):
     """Return the rows of float32 `X` scaled to unit L2 norm, read-only.
 

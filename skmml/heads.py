@@ -58,9 +58,26 @@ class IntegrationHead(nn.Module):
     mlp_ratio : int, default=4
         Hidden width of the MLP, ``mlp_ratio * d``.
     residual_init : {"default", "zero"}, default="default"
-        "zero" zero-initialises the attention output and last MLP layers, so
-        that the untrained head returns ``2 f`` and ranks classes exactly as
-        the prototype classifier does.
+        "zero" gates each residual branch with a per-channel scale
+        initialised at zero (LayerScale, Touvron et al. 2021), so that the
+        untrained head returns ``2 f`` and ranks classes exactly as the
+        prototype classifier does. "default" is the reference block, with
+        no gates and PyTorch's initialisation.
+
+    Notes
+    -----
+    Why gates rather than zero-initialised output layers (an earlier
+    choice): the query ``f`` has unit norm, while LayerNorm makes the
+    attended values and MLP activations ``a`` of norm about ``sqrt(d)``.
+    Adam's first step moves every weight of a zero-initialised output layer
+    by about ``lr`` with the sign of its gradient ``delta a^T``, so each
+    output coordinate moves by about ``lr * ||a||_1 ~ lr * d``: at d = 1280
+    and lr = 1e-3 one step moved the head's output by 5x the query's norm
+    (median over queries, pretrained EfficientNet-Lite0 features of digits)
+    and held-out accuracy fell from 0.83 to 0.50. A zero gate ``g`` instead
+    moves by about ``lr`` per channel, scaling an output of entries O(1):
+    the same step moved the output by 0.7% of the query's norm, so training
+    departs smoothly from the prototype classifier.
     """
 
     def __init__(self, dim, mlp_ratio=4, residual_init="default"):
@@ -78,20 +95,26 @@ class IntegrationHead(nn.Module):
             nn.Linear(dim, mlp_ratio * dim), QuickGELU(), nn.Linear(mlp_ratio * dim, dim)
         )
         if residual_init == "zero":
-            for layer in (self.out_proj, self.mlp[2]):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        elif residual_init != "default":
+            self.gate_attention = nn.Parameter(torch.zeros(dim))
+            self.gate_mlp = nn.Parameter(torch.zeros(dim))
+        elif residual_init == "default":
+            self.gate_attention = self.gate_mlp = None
+        else:
             raise ValueError(f"residual_init must be 'default' or 'zero', got {residual_init!r}.")
 
     def is_identity(self):
         """Whether the residual branches are exactly zero, so ``forward`` returns ``2 f``.
 
-        True for an untrained ``residual_init="zero"`` head: the classifier
-        then skips the head, and its retrieval, at prediction.
+        True for an untrained ``residual_init="zero"`` head (both gates
+        zero): the classifier then skips the head, and its retrieval, at
+        prediction.
         """
-        return all(not torch.any(p) for layer in (self.out_proj, self.mlp[2])
-                   for p in (layer.weight, layer.bias))
+        if self.gate_attention is None:
+            return False
+        return not (torch.any(self.gate_attention) or torch.any(self.gate_mlp))
+
+    def _gated(self, gate, branch):
+        return branch if gate is None else gate * branch
 
     def project_memory(self, items):
         """Keys and values of memory items (n_items, d): two (n_items, d) tensors."""
@@ -134,7 +157,7 @@ class IntegrationHead(nn.Module):
             attended = torch.bmm(attention[:, None, :], values[neighbours])[:, 0]
         else:
             attended = _neighbour_pattern(neighbours, attention, len(values)) @ values
-        x = query + self.out_proj(attended)
-        x = x + self.mlp(self.ln_2(x))
+        x = query + self._gated(self.gate_attention, self.out_proj(attended))
+        x = x + self._gated(self.gate_mlp, self.mlp(self.ln_2(x)))
         out = x + query
         return (out, attention) if return_attention else out

@@ -9,7 +9,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._validation import input_metadata_kept_on_error, l2_normalize
+from ._validation import check_n_neighbors, input_metadata_kept_on_error, l2_normalize
 from .memory import Memory
 from .pruning import PRUNING_MODES, item_weights, leave_one_out_neighbors, wrong_neighbor_counts
 from .retrieval import NeighborIndex
@@ -397,11 +397,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
 
     @staticmethod
     def _check_k(k, n_items):
-        if k > n_items:
-            raise ValueError(
-                f"n_neighbors={k} is larger than the memory, which holds {n_items} "
-                "image items."
-            )
+        check_n_neighbors(k, n_items)
 
     def _vote(self, sims, rows):
         """Class codes, final vote weights and per-prefix winners of each query."""

@@ -16,7 +16,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._validation import input_metadata_kept_on_error, l2_normalize, resolve_device
+from ._validation import (check_n_neighbors, input_metadata_kept_on_error, l2_normalize,
+                          resolve_device)
 from .heads import IntegrationHead
 from .memory import Memory, concat_banks
 from .prototypes import PROTOTYPE_MODES, class_prototypes
@@ -156,16 +157,19 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     unified_memory : bool, default=False
         Search image and text items as one memory in both branches (ablation).
     prototypes : {"consensus", "mean", "random"}, default="consensus"
-        Class prototypes: top-M items by cross-modal consensus (reference),
-        mean of all items, or mean of M random items.
+        Class prototypes: top-M items by cross-modal consensus (reference;
+        a class with one modality gets the mean of all its items), mean of
+        all items, or mean of M random items.
     n_prototype_items : int, default=16
         ``M`` of the prototypes, per class and modality.
     logit_scale : float, default=16.0
         ``s`` in the logits.
     residual_init : {"zero", "default"}, default="zero"
-        "zero" (a departure from the reference, see Notes) starts each head
-        as the identity, so training starts from the prototype classifier;
-        "default" is PyTorch's initialisation, as in the reference code.
+        "zero" (a departure from the reference, see Notes) gates each
+        residual branch of each head with a per-channel scale initialised at
+        zero, so the untrained head is the identity and training departs
+        smoothly from the prototype classifier; "default" is the reference
+        block with PyTorch's initialisation.
     learning_rate : float, default=1e-3
         AdamW learning rate (the reference uses 1e-6 over up to 1000 GPU epochs).
     weight_decay : float, default=5e-4
@@ -173,7 +177,12 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     batch_size : int, default=256
         Queries per training step.
     max_epochs : int, default=20
-        Training epochs.
+        Most training epochs.
+    n_iter_no_change : int or None, default=5
+        Stop training when the validation accuracy has not improved on its
+        best (epoch 0 included) for this many consecutive epochs, as
+        scikit-learn's ``SGDClassifier`` and ``MLPClassifier`` do. None trains
+        for ``max_epochs``. Only with validation (``validation_fraction``).
     episode_classes : int, float or None, default=None
         Episodic training: each step draws this many training classes (a
         float is a fraction of them), up to ``batch_size`` of their queries,
@@ -207,7 +216,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     index_device : {"auto", "cpu", "cuda"}, default="auto"
         Where the FAISS indexes live.
     verbose : int, default=0
-        Show a progress bar with the loss during training.
+        Show a progress bar with the loss during training, and say which
+        epoch was kept and why.
     memory : Memory, default=None
         The memory. None uses the training data as the image memory (the
         paper's supervised setting); a training query never retrieves itself.
@@ -228,11 +238,15 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Per epoch: training loss and validation-class accuracy.
     best_epoch_ : int
         Epoch whose weights were kept (0 = untrained).
+    n_iter_ : int
+        Training epochs run (fewer than ``max_epochs`` when stopped early).
 
     Notes
     -----
     Departures from the reference code, each for CPU training or for
-    generalisation to unseen classes: zero-initialised residual branches,
+    generalisation to unseen classes: zero-initialised residual gates
+    (:class:`~skmml.heads.IntegrationHead` explains why gates and not
+    zero-initialised output layers),
     AdamW with lr 1e-3 for 20 epochs instead of Adam with lr 1e-6, and epoch
     selection on held-out classes with their own memory rather than on
     held-out images of the training classes.
@@ -265,6 +279,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_epochs": [Interval(Integral, 0, None, closed="left")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), None],
         "episode_classes": [Interval(Integral, 2, None, closed="left"),
                             Interval(Real, 0, 1, closed="right"), None],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
@@ -293,6 +308,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         weight_decay=5e-4,
         batch_size=256,
         max_epochs=20,
+        n_iter_no_change=5,
         episode_classes=None,
         validation_fraction=0.2,
         min_validation_classes=2,
@@ -316,6 +332,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.batch_size = batch_size
         self.max_epochs = max_epochs
+        self.n_iter_no_change = n_iter_no_change
         self.episode_classes = episode_classes
         self.validation_fraction = validation_fraction
         self.min_validation_classes = min_validation_classes
@@ -383,6 +400,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             self._epoch(self.heads_, self._optimizer(self.heads_), queries,
                         check_random_state(self.random_state))
         finally:
+            self._heads_untrained = False
             self._project_memory()  # the heads changed, even if the epoch was interrupted
         return self
 
@@ -391,12 +409,13 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         Xn = l2_normalize(X)
         supervised = self.memory is None
-        if supervised and len(y) < 2:
-            raise ValueError(
-                "With no memory given the training data is the memory, and a query never "
-                f"retrieves itself: n_samples={len(y)} leaves nothing to retrieve."
-            )
         memory = Memory(Xn, y) if supervised else self.memory
+        if len(memory.classes) < 2:
+            where = "y (the memory, as memory=None)" if supervised else "the memory"
+            raise ValueError(
+                f"MemoryModularClassifier needs at least 2 classes to classify, but {where} "
+                f"holds one class: {memory.classes[0].item()!r}."
+            )
         if memory.n_features != X.shape[1]:
             raise ValueError(
                 f"X has {X.shape[1]} features but the memory holds "
@@ -404,19 +423,16 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             )
         _check_known(y, memory)
         branches = self._resolve_branches(memory)
+        self._check_k(memory, branches, exclude_self=supervised)
         device = _torch_device(self.device)
         rng = check_random_state(self.random_state)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
-            heads = {
-                b: IntegrationHead(memory.n_features, residual_init=self.residual_init).to(device)
-                for b in branches
-            }
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        heads = _new_heads(branches, memory.n_features, self.residual_init, seed, device)
         # In the supervised setting query i is memory item i: it never retrieves itself.
         query_ids = np.arange(len(y)) if supervised else None
         train, val = self._split(Xn, y, memory, branches, query_ids, rng)
         optimizer = self._optimizer(heads)
-        history, best, floor = [], None, -np.inf
+        history, best, floor, top, stale = [], None, -np.inf, -np.inf, 0
         bar = tqdm(range(max_epochs + 1), desc="training", disable=not self.verbose)
         for epoch in bar:
             loss = np.nan if epoch == 0 else self._epoch(heads, optimizer, train, rng)
@@ -429,16 +445,72 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 floor = score + 2 * np.sqrt(score * (1 - score) / len(val))
             if best is None or val is None or score > max(best[1], floor):
                 best = (epoch, score, {b: copy.deepcopy(h.state_dict()) for b, h in heads.items()})
+            if val is not None:
+                stale = 0 if score > top else stale + 1
+                top = max(top, score)
+                if self.n_iter_no_change is not None and stale >= self.n_iter_no_change:
+                    break
+        bar.close()
         for branch, state in best[2].items():
             heads[branch].load_state_dict(state)
         view = train.view if val is None or val.view is train.view else _MemoryView(
             memory, branches, self)
         self.history_ = pd.DataFrame(history)
         self.best_epoch_ = best[0]
+        self.n_iter_ = epoch
         self.heads_ = heads
         self.branches_ = branches
+        self._head_seed = seed
+        self._heads_untrained = best[0] == 0
         self._adopt(memory, view)
+        if self.verbose:
+            print(self._selection_report(max_epochs, floor, held_out_classes=(
+                val is not None and val.view is not train.view)))
         return self
+
+    def _selection_report(self, max_epochs, floor, held_out_classes):
+        """One sentence: which epoch was kept, and why."""
+        history = self.history_
+        ran = self.n_iter_
+        stopped = (f" Stopped after epoch {ran} of {max_epochs}: the validation accuracy did "
+                   f"not improve for {self.n_iter_no_change} epochs."
+                   if ran < max_epochs else "")
+        if max_epochs == 0:
+            return "max_epochs=0: keeping the untrained heads."
+        if history["validation_accuracy"].isna().all():
+            return f"No validation: keeping the last epoch ({ran})."
+        on = "held-out classes" if held_out_classes else "held-out queries"
+        untrained = history["validation_accuracy"].iloc[0]
+        if self.best_epoch_ == 0:
+            trained = history.iloc[1:]
+            best = trained.loc[trained["validation_accuracy"].idxmax()]
+            what = ("the prototype classifier" if self._identity_heads()
+                    else "the untrained heads")
+            return (
+                f"Trained heads did not beat the untrained heads on {on} (best trained "
+                f"validation accuracy {best['validation_accuracy']:.3f} at epoch "
+                f"{int(best['epoch'])}; needed above {floor:.3f}, the untrained "
+                f"{untrained:.3f} plus two standard errors): keeping {what}.{stopped}"
+            )
+        kept = history["validation_accuracy"].iloc[self.best_epoch_]
+        return (
+            f"Keeping epoch {self.best_epoch_}: validation accuracy {kept:.3f} on {on} "
+            f"beats the untrained heads' {untrained:.3f} by two standard errors "
+            f"(needed above {floor:.3f}).{stopped}"
+        )
+
+    def _identity_heads(self):
+        return all(head.is_identity() for head in self.heads_.values())
+
+    def _check_k(self, memory, branches, exclude_self=False):
+        """n_neighbors must fit in each searched bank, as in KNNVoteClassifier."""
+        if self.retrieval != "knn":
+            return
+        for branch in branches:
+            n_items = (len(memory.image) + len(memory.text) if self.unified_memory
+                       else len(memory.bank(branch)))
+            bank = "image and text" if self.unified_memory else branch
+            check_n_neighbors(self.n_neighbors, n_items, bank, exclude_self)
 
     def _resolve_branches(self, memory):
         present = tuple(b for b in BRANCHES if len(memory.bank(b)))
@@ -670,6 +742,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         """Validated queries and their neighbours; identity heads need none unless explaining."""
         check_is_fitted(self, "heads_")
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        self._check_k(self.memory_, self.branches_)
         search = [b for b in self.branches_ if explain or not self._identity[b]]
         return _QuerySet(l2_normalize(X), None, self._view, search, self)
 
@@ -772,12 +845,16 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         return pd.concat(tables, ignore_index=True)
 
     # -- persistence: heads as CPU state dicts, device chosen at load ---------------------
+    # Heads still at their initialisation (no trained epoch was kept) are stored
+    # as None and re-created from their seed at load: such a classifier pickles
+    # to about the size of its memory, not + 12 d^2 floats per head.
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: never alter the live estimator
         if "heads_" in state:
             state["heads_"] = {
-                b: {k: v.detach().cpu() for k, v in h.state_dict().items()}
+                b: None if self._heads_untrained
+                else {k: v.detach().cpu() for k, v in h.state_dict().items()}
                 for b, h in self.heads_.items()
             }
             del state["_projected"]
@@ -788,11 +865,13 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         if heads is not None:
             # A model trained on a GPU loads on a CPU-only machine, and vice versa.
             device = _torch_device("cpu" if state["device"] == "cpu" else "auto")
+            fresh = _new_heads(tuple(heads), state["n_features_in_"], state["residual_init"],
+                               state["_head_seed"], "cpu")
             state["heads_"] = {}
             for branch, weights in heads.items():
-                head = IntegrationHead(state["n_features_in_"],
-                                       residual_init=state["residual_init"])
-                head.load_state_dict(weights)
+                head = fresh[branch]
+                if weights is not None:
+                    head.load_state_dict(weights)
                 state["heads_"][branch] = head.to(device)
         super().__setstate__(state)
         if heads is not None:
@@ -805,7 +884,18 @@ _INFERENCE_BATCH = 4096
 def _check_known(y, memory):
     unknown = np.setdiff1d(np.unique(y), memory.classes)
     if unknown.size:
-        raise ValueError(f"Classes of y not in the memory: {unknown[:10].tolist()}.")
+        raise ValueError(
+            f"Classes of y not in the memory: {unknown[:10].tolist()}. The classes are the "
+            "memory's: add a class's items with set_memory(Memory(...), mode='expand') first."
+        )
+
+
+def _new_heads(branches, dim, residual_init, seed, device):
+    """Freshly initialised heads, one per branch, reproducibly from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return {b: IntegrationHead(dim, residual_init=residual_init).to(device)
+                for b in branches}
 
 
 class _QuerySet:

@@ -9,10 +9,12 @@ L2-normalised), the reference code computes ``S = I_c @ T_c.T`` and takes
 
 with ``M = min(n, max_items)`` (16 by default), then L2-normalises each.
 
-A class with items of one modality only has no cross-modal consensus: its
-items are ranked by their summed similarity to the other items of the same
-modality (the most central first), and the missing modality's prototype is
-the present modality's, since both live in one embedding space.
+A class with items of one modality only has no cross-modal consensus, and
+the reference defines none: its prototype is the plain mean of *all* its
+items (the neutral choice; a "most central top-M" rule loses to it on real
+single-modality memories, see ``doc/benchmarks.rst``), and the missing
+modality's prototype is the present modality's, since both live in one
+embedding space.
 """
 
 import numpy as np
@@ -49,7 +51,7 @@ def _class_prototypes(images, texts, mode, max_items, rng):
         ]
     else:
         (items,) = present
-        proto = _top_mean(items, items @ items.sum(axis=0), min(len(items), max_items))
+        proto = _normalise(items.mean(axis=0))
         protos = [proto if len(x) else None for x in (images, texts)]
     image_proto, text_proto = protos
     return (
@@ -69,8 +71,10 @@ def class_prototypes(memory, classes, *, mode="consensus", max_items=16, support
     classes : ndarray of shape (n_classes,)
         The classes, in the order of the returned rows.
     mode : {"consensus", "mean", "random"}, default="consensus"
-        "consensus": top-M items by cross-modal similarity (the reference);
-        "mean": mean of all items; "random": mean of M random items.
+        "consensus": top-M items by cross-modal similarity (the reference)
+        for a class with both modalities, the mean of all items for a class
+        with one; "mean": mean of all items; "random": mean of M random
+        items.
     max_items : int, default=16
         ``M`` is ``min(n_items, max_items)`` per class and modality.
     support : tuple (X, y), default=None

@@ -46,7 +46,7 @@ def _expected_failed_checks(estimator):
     [
         KNNVoteClassifier(),
         KNNVoteClassifier(voting="softmax", index="hnsw"),
-        MemoryModularClassifier(max_epochs=3, random_state=0),
+        MemoryModularClassifier(n_neighbors=3, max_epochs=3, random_state=0),
         ZeroShotCLIPClassifier(FunctionTransformer(_letter_counts), templates=["{}"]),
         CLIPImageEncoder(),
         CLIPTextEncoder(),

@@ -54,11 +54,37 @@ def test_zero_residual_init_starts_as_twice_the_query():
     torch.testing.assert_close(out, 2 * query)
     assert head.is_identity()
     assert not IntegrationHead(5).is_identity()
+    # The gates are the only extra parameters: 2 d.
+    assert (sum(p.numel() for p in head.parameters())
+            == sum(p.numel() for p in IntegrationHead(5).parameters()) + 10)
     out.sum().backward()
     torch.optim.SGD(head.parameters(), lr=0.1).step()
     assert not head.is_identity()
     with pytest.raises(ValueError, match="residual_init"):
         IntegrationHead(5, residual_init="small")
+
+
+def test_one_adam_step_departs_smoothly_from_the_identity():
+    # Unit-norm queries and memory items, as the classifier feeds them: one
+    # Adam step at lr 1e-3 must move the output by a small fraction of the
+    # query (zero-initialised output layers moved it by several times its norm).
+    torch.manual_seed(0)
+    d = 512
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, d), dim=1)  # noqa: E731
+    query, memory, target = unit(64), unit(300), unit(64)
+    neighbours = torch.randint(0, 300, (64, 16))
+    head = IntegrationHead(d, residual_init="zero")
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    keys, values = head.project_memory(memory)
+    loss = -(torch.nn.functional.normalize(head(query, keys, values, neighbours), dim=1)
+             * target).sum()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        keys, values = head.project_memory(memory)
+        out = head(query, keys, values, neighbours)
+    change = ((out - 2 * query).norm(dim=1) / (2 * query).norm(dim=1)).median()
+    assert 0 < change < 0.05
 
 
 def test_inference_without_gathers_matches_training_computation():

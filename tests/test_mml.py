@@ -1,3 +1,5 @@
+import pickle
+
 import joblib
 import numpy as np
 import pytest
@@ -343,3 +345,94 @@ def test_reassign_ids_only_with_expand_and_interrupted_partial_fit_refreshes_cac
     assert clf._identity == {"image": False}  # the heads changed before the interruption
     full = clf._all_logits(clf._queries(X[200:260], explain=True), attention={})
     np.testing.assert_allclose(clf.decision_function(X[200:260]), full, rtol=1e-4, atol=1e-4)
+
+
+def _scripted_accuracy(monkeypatch, scores):
+    """Make the validation accuracy of successive epochs follow `scores`."""
+    it = iter(scores)
+    monkeypatch.setattr(MemoryModularClassifier, "_accuracy", lambda self, heads, val: next(it))
+
+
+def test_training_stops_when_validation_accuracy_stops_improving(monkeypatch, capsys):
+    memory, X, y = _multimodal_memory(n_classes=10)
+    params = {"max_epochs": 10, "memory": memory, "random_state": 0, "n_neighbors": 4}
+    # Epoch 2 is the best; epochs 3, 4, 5 do not improve on it: stop after epoch 5.
+    _scripted_accuracy(monkeypatch, [0.5, 0.6, 0.9, 0.8, 0.9, 0.7] + [0.0] * 10)
+    clf = MemoryModularClassifier(n_iter_no_change=3, verbose=1, **params).fit(X, y)
+    assert clf.n_iter_ == 5
+    assert list(clf.history_["epoch"]) == [0, 1, 2, 3, 4, 5]
+    out = capsys.readouterr().out
+    assert "Stopped after epoch 5 of 10" in out
+    # 0.9 beats 0.5 + 2 standard errors (20 queries: 0.5 + 0.224), 0.6 does not.
+    assert clf.best_epoch_ == 2
+    assert "Keeping epoch 2: validation accuracy 0.900" in out
+    _scripted_accuracy(monkeypatch, [0.5] + [0.4] * 10)
+    clf = MemoryModularClassifier(n_iter_no_change=None, **params).fit(X, y)
+    assert clf.n_iter_ == 10 and clf.best_epoch_ == 0
+
+
+def test_verbose_says_when_the_prototype_classifier_is_kept(monkeypatch, capsys):
+    memory, X, y = _multimodal_memory(n_classes=10)
+    _scripted_accuracy(monkeypatch, [0.8, 0.85, 0.7, 0.7])
+    clf = MemoryModularClassifier(max_epochs=3, memory=memory, random_state=0, verbose=1,
+                                  n_neighbors=4).fit(X, y)
+    assert clf.best_epoch_ == 0 and clf._identity_heads()
+    out = capsys.readouterr().out
+    assert ("Trained heads did not beat the untrained heads on held-out classes (best "
+            "trained validation accuracy 0.850 at epoch 1") in out
+    assert "keeping the prototype classifier" in out
+
+
+def test_untrained_heads_pickle_to_about_the_size_of_the_memory():
+    rng = np.random.default_rng(0)
+    d = 256  # a head holds 12 d^2 floats: 3 MiB per head here
+    y = np.repeat(np.arange(8), 30)
+    X = (rng.normal(size=(8, d))[y] + rng.normal(size=(len(y), d))).astype(np.float32)
+    memory = Memory(X, y)
+    clf = MemoryModularClassifier(max_epochs=0, memory=memory, random_state=0).fit(X, y)
+    untrained = pickle.dumps(clf)
+    head_bytes = 4 * sum(p.numel() for p in clf.heads_["image"].parameters())
+    assert len(untrained) < 1.5 * memory.image.embeddings.nbytes + 100_000
+    assert len(untrained) < head_bytes / 2
+    loaded = pickle.loads(untrained)
+    for name, p in clf.heads_["image"].state_dict().items():
+        torch.testing.assert_close(loaded.heads_["image"].state_dict()[name], p, rtol=0, atol=0)
+    np.testing.assert_array_equal(loaded.decision_function(X), clf.decision_function(X))
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(loaded.explain(X[:3]), clf.explain(X[:3]))
+    # Trained heads are stored in full and round-trip too.
+    clf.partial_fit(X, y)
+    trained = pickle.dumps(clf)
+    assert len(trained) > head_bytes
+    np.testing.assert_array_equal(pickle.loads(trained).decision_function(X),
+                                  clf.decision_function(X))
+
+
+def test_n_neighbors_larger_than_the_memory_is_the_same_error_in_both_classifiers(digits):
+    from skmml import KNNVoteClassifier
+
+    X, y = digits
+    message = "n_neighbors=40 is larger than the memory, which holds 30 image items"
+    small = Memory(X[:30], y[:30])
+    knn = KNNVoteClassifier(n_neighbors=40).set_memory(small)
+    with pytest.raises(ValueError, match=message):
+        knn.predict(X[:2])
+    with pytest.raises(ValueError, match=message):
+        MemoryModularClassifier(n_neighbors=40, memory=small, max_epochs=1).fit(X[:30], y[:30])
+    clf = MemoryModularClassifier(n_neighbors=40, max_epochs=0).fit(X[:200], y[:200])
+    clf.set_memory(small)
+    with pytest.raises(ValueError, match=message):
+        clf.predict(X[:2])
+    # With memory=None a training query never retrieves itself: n_neighbors < n_samples.
+    with pytest.raises(ValueError, match="holds 30 image items and a training query never"):
+        MemoryModularClassifier(n_neighbors=30, max_epochs=0).fit(X[:30], y[:30])
+    MemoryModularClassifier(n_neighbors=29, max_epochs=0).fit(X[:30], y[:30])
+
+
+def test_a_single_class_is_a_clear_error_and_unknown_classes_point_to_expand(digits):
+    X, y = digits
+    with pytest.raises(ValueError, match="needs at least 2 classes .* holds one class: 3"):
+        MemoryModularClassifier().fit(X[y == 3], y[y == 3])
+    clf = MemoryModularClassifier(max_epochs=0).fit(X[y < 5], y[y < 5])
+    with pytest.raises(ValueError, match=r"not in the memory: \[7\].*mode='expand'"):
+        clf.partial_fit(X[y == 7], y[y == 7])

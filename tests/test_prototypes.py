@@ -51,13 +51,32 @@ def test_random_mode_is_seeded_and_differs_from_consensus():
     assert not np.allclose(a, c)
 
 
-def test_a_class_with_one_modality_uses_its_most_central_items_for_both():
-    items = _unit([1, 0], [0.95, 0.05], [0, 1])
+def test_a_class_with_one_modality_gets_the_mean_of_all_its_items_for_both():
+    # Hand-computed: the mean of (1, 0), (0.6, 0.8), (0, 1) is (1.6, 1.8) / 3,
+    # normalised (0.6644, 0.7474); a top-2 "most central" rule would drop an item.
+    items = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
     memory = Memory(items, [0, 0, 0])
     image_p, text_p = class_prototypes(memory, np.array([0]), max_items=2)
-    central = items[:2].mean(axis=0)
-    np.testing.assert_allclose(image_p[0], central / np.linalg.norm(central), rtol=1e-6)
+    expected = np.array([1.6, 1.8]) / np.hypot(1.6, 1.8)
+    np.testing.assert_allclose(image_p[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(image_p[0], [0.66436384, 0.74740932], rtol=1e-6)
     np.testing.assert_array_equal(image_p, text_p)
+
+
+def test_text_only_classes_and_mixed_memories_follow_their_own_rule():
+    # Class 0 has images and texts (consensus top-1); class 1 texts only (mean).
+    images = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    texts = np.array([[0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [0.0, 0.6, 0.8]])
+    memory = Memory(images, [0, 0], text_embeddings=texts, text_labels=[0, 1, 1])
+    image_p, text_p = class_prototypes(memory, np.array([0, 1]), max_items=1)
+    # Class 0: image row sums against its one text (0.8, 0.6): image 0 wins;
+    # its text prototype is its only text.
+    np.testing.assert_allclose(image_p[0], [1, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(text_p[0], [0.8, 0.6, 0], atol=1e-7)
+    # Class 1: mean of both texts (0, 0.6, 1.8) / 2, normalised, in both branches.
+    expected = np.array([0.0, 0.6, 1.8]) / np.hypot(0.6, 1.8)
+    np.testing.assert_allclose(text_p[1], expected, rtol=1e-6)
+    np.testing.assert_allclose(image_p[1], expected, rtol=1e-6)
 
 
 def test_few_shot_support_sets_the_image_prototype():
