@@ -325,8 +325,8 @@ def _set_search_params(clf, params):
     # on the fitted index through skmml's private NeighborIndex (what fit()
     # itself calls); set_params keeps the estimator's repr truthful.
     clf.set_params(index_params=params)
-    clf._index.params = params
-    clf._index._set_search_params()
+    clf._state.index.params = params
+    clf._state.index._set_search_params()
 
 
 def _recall(ids, exact_ids):

@@ -9,6 +9,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._state import State, publish, writer_lock
 from ._validation import check_n_neighbors, input_metadata_kept_on_error, l2_normalize
 from .memory import Memory
 from .pruning import PRUNING_MODES, item_weights, leave_one_out_neighbors, wrong_neighbor_counts
@@ -174,7 +175,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : KNNVoteClassifier
         """
-        with input_metadata_kept_on_error(self):
+        with writer_lock(self), input_metadata_kept_on_error(self):
             if self.memory is None:
                 X, y = validate_data(self, X, y, dtype=np.float32, order="C")
                 check_classification_targets(y)
@@ -188,7 +189,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
                         f"{memory.n_features}-dimensional embeddings."
                     )
             index = self._new_index().build(_image_bank(memory))
-        self._adopt(memory, index, pruning=None)
+            self._adopt(memory, index, pruning=None)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -212,19 +213,21 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : KNNVoteClassifier
         """
-        first = not hasattr(self, "memory_")
-        X, y = validate_data(self, X, y, reset=first, dtype=np.float32, order="C")
-        check_classification_targets(y)
-        if classes is not None:
-            unknown = np.setdiff1d(y, classes)
-            if unknown.size:
-                raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
-        if first:
-            memory = Memory(X, y) if self.memory is None else self.memory.add(X, y)
-            self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None)
-        else:
-            memory = self.memory_.add(X, y)
-            self._adopt(memory, self._index.add(memory.image, X.shape[0]), self.pruning_)
+        with writer_lock(self), input_metadata_kept_on_error(self):
+            first = not hasattr(self, "_state")
+            X, y = validate_data(self, X, y, reset=first, dtype=np.float32, order="C")
+            check_classification_targets(y)
+            if classes is not None:
+                unknown = np.setdiff1d(y, classes)
+                if unknown.size:
+                    raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
+            if first:
+                memory = Memory(X, y) if self.memory is None else self.memory.add(X, y)
+                self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None)
+            else:
+                state = self._state
+                memory = state.memory.add(X, y)
+                self._adopt(memory, state.index.add(memory.image, X.shape[0]), state.pruning)
         return self
 
     def set_memory(self, memory, mode="replace", *, reassign_ids=False):
@@ -248,21 +251,21 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         self._validate_params()
         if not isinstance(memory, Memory):
             raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
-        if mode == "expand":
-            check_is_fitted(self)
-            new = self.memory_.expand(memory, reassign_ids=reassign_ids)
-            n_new = len(new.image) - len(self.memory_.image)
-            self._adopt(new, self._index.add(new.image, n_new), self.pruning_)
-        elif mode == "replace":
-            if reassign_ids:
-                raise ValueError("reassign_ids=True applies to mode='expand' only.")
-            index = self._new_index().build(_image_bank(memory))
-            self._adopt(memory, index, getattr(self, "pruning_", None))
-            if getattr(self, "n_features_in_", None) != memory.n_features:
-                self.__dict__.pop("feature_names_in_", None)
-            self.n_features_in_ = memory.n_features
-        else:
-            raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
+        with writer_lock(self):
+            if mode == "expand":
+                state = self._read_state()
+                new = state.memory.expand(memory, reassign_ids=reassign_ids)
+                n_new = len(new.image) - len(state.memory.image)
+                self._adopt(new, state.index.add(new.image, n_new), state.pruning)
+            elif mode == "replace":
+                if reassign_ids:
+                    raise ValueError("reassign_ids=True applies to mode='expand' only.")
+                index = self._new_index().build(_image_bank(memory))
+                state = getattr(self, "_state", None)
+                self._adopt(memory, index, None if state is None else state.pruning,
+                            n_features=memory.n_features)
+            else:
+                raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
         return self
 
     def forget(self, ids):
@@ -277,23 +280,26 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : KNNVoteClassifier
         """
-        check_is_fitted(self)
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
-        memory = self.memory_.remove(ids)
-        bank = _image_bank(memory, "forget() would leave the memory without image items")
-        if self.pruning_ is not None:
-            self._check_k(self.pruning_["n_neighbors"] + 1, len(bank))
-        removed = ids[self.memory_.image.contains(ids)]
-        self._adopt(memory, self._index.remove(bank, removed), self.pruning_)
+        with writer_lock(self):
+            state = self._read_state()
+            ids = np.unique(np.asarray(ids, dtype=np.int64))
+            memory = state.memory.remove(ids)
+            bank = _image_bank(memory, "forget() would leave the memory without image items")
+            if state.pruning is not None:
+                self._check_k(state.pruning["n_neighbors"] + 1, len(bank))
+            removed = ids[state.memory.image.contains(ids)]
+            self._adopt(memory, state.index.remove(bank, removed), state.pruning)
         return self
 
     def _new_index(self):
         return NeighborIndex(self.index, self.index_params, self.device)
 
-    def _adopt(self, memory, index, pruning):
-        """Make `memory` (indexed by `index`) the estimator's memory.
+    def _adopt(self, memory, index, pruning, n_features=None):
+        """Make `memory` (indexed by `index`) the estimator's memory, in one step.
 
-        Pruning, when on, is recomputed for the new memory.
+        Pruning, when on, is recomputed for the new memory before anything is
+        published (see :mod:`skmml._state`); with `n_features`, the expected
+        query width changes in the same step.
         """
         bank = memory.image
         classes, codes = np.unique(bank.labels, return_inverse=True)
@@ -302,19 +308,27 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             self._check_k(pruning["n_neighbors"] + 1, len(bank))
             counts = wrong_neighbor_counts(index, bank, codes, pruning["n_neighbors"],
                                            bool(self.verbose))
-        self.pruning_ = pruning
-        self.memory_ = memory
-        self.classes_ = classes
-        self._codes = codes
-        self._index = index
-        self._set_wrong_counts(counts)
+        self._publish(State(memory=memory, index=index, classes=classes, codes=codes),
+                      pruning, counts, n_features)
 
-    def _set_wrong_counts(self, counts):
-        self._wrong_counts = counts
-        self._item_weight = (
-            None if counts is None
-            else item_weights(counts, self.pruning_["mode"], self.pruning_["threshold"])
-        )
+    def _publish(self, state, pruning, counts, n_features=None):
+        """Publish `state` with its pruning and the public attributes, in one step."""
+        weights = None if counts is None else item_weights(
+            counts, pruning["mode"], pruning["threshold"])
+        state = state.replace(pruning=pruning, wrong_counts=counts, item_weight=weights)
+        attributes = {"memory_": state.memory, "classes_": state.classes, "pruning_": pruning}
+        if n_features is not None:
+            attributes["n_features_in_"] = n_features
+            previous = self.__dict__.get("n_features_in_")
+            if previous != n_features and "feature_names_in_" in self.__dict__:
+                # Different columns: the fitted feature names no longer apply.
+                self.__dict__.pop("feature_names_in_")
+        publish(self, state, **attributes)
+
+    def _read_state(self):
+        """The published state, for a read (or a writer that derives the next one)."""
+        check_is_fitted(self)
+        return self._state
 
     # -- pruning ---------------------------------------------------------------------
 
@@ -343,24 +357,25 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : KNNVoteClassifier
         """
-        check_is_fitted(self)
         if mode not in PRUNING_MODES:
             raise ValueError(f"mode must be one of {PRUNING_MODES}, got {mode!r}.")
         if not isinstance(threshold, Integral) or threshold < 1:
             raise ValueError(f"threshold must be an integer >= 1, got {threshold!r}.")
-        k = self.n_neighbors if n_neighbors is None else n_neighbors
-        bank = self.memory_.image
-        self._check_k(k + 1, len(bank))
-        counts = wrong_neighbor_counts(self._index, bank, self._codes, k, bool(self.verbose))
-        self.pruning_ = {"mode": mode, "threshold": threshold, "n_neighbors": k}
-        self._set_wrong_counts(counts)
+        with writer_lock(self):
+            state = self._read_state()
+            k = self.n_neighbors if n_neighbors is None else n_neighbors
+            bank = state.memory.image
+            self._check_k(k + 1, len(bank))
+            counts = wrong_neighbor_counts(state.index, bank, state.codes, k,
+                                           bool(self.verbose))
+            pruning = {"mode": mode, "threshold": threshold, "n_neighbors": k}
+            self._publish(state, pruning, counts)
         return self
 
     def unprune(self):
         """Switch pruning off; every memory item votes again. Returns self."""
-        check_is_fitted(self)
-        self.pruning_ = None
-        self._set_wrong_counts(None)
+        with writer_lock(self):
+            self._publish(self._read_state(), None, None)
         return self
 
     def pruning_report(self):
@@ -373,42 +388,49 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             multiplier) and ``excluded``, one row per image item, sorted by
             decreasing ``wrong_count``.
         """
-        check_is_fitted(self)
-        if self.pruning_ is None:
+        state = self._read_state()
+        if state.pruning is None:
             raise ValueError("Pruning is off; call prune() first.")
-        bank = self.memory_.image
+        bank = state.memory.image
         report = pd.DataFrame({
             "id": bank.ids,
             "label": bank.labels,
-            "wrong_count": self._wrong_counts,
-            "weight": self._item_weight,
-            "excluded": self._item_weight == 0,
+            "wrong_count": state.wrong_counts,
+            "weight": state.item_weight,
+            "excluded": state.item_weight == 0,
         })
         return report.sort_values("wrong_count", ascending=False, kind="stable")
 
     # -- prediction --------------------------------------------------------------------
 
     def _search(self, X, k=None):
+        """(state, similarities, rows): one snapshot for the whole read."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        state = self._state
+        if X.shape[1] != state.memory.n_features:
+            # A memory of another width was published after validation: the
+            # read sees the new memory, so it fails as it would have after.
+            validate_data(self, X, reset=False)
         k = self.n_neighbors if k is None else k
-        self._check_k(k, len(self.memory_.image))
-        return self._index.search(l2_normalize(X), k, verbose=bool(self.verbose))
+        self._check_k(k, len(state.memory.image))
+        sims, rows = state.index.search(l2_normalize(X), k, verbose=bool(self.verbose))
+        return state, sims, rows
 
     @staticmethod
     def _check_k(k, n_items):
         check_n_neighbors(k, n_items)
 
-    def _vote(self, sims, rows):
+    def _vote(self, state, sims, rows):
         """Class codes, final vote weights and per-prefix winners of each query."""
         found = rows >= 0
         safe = np.where(found, rows, 0)
-        codes = self._codes[safe]
-        hard = self.pruning_ is not None and self.pruning_["mode"] == "hard"
-        kept = found & (self._item_weight[safe] > 0) if hard else found
+        codes = state.codes[safe]
+        hard = state.pruning is not None and state.pruning["mode"] == "hard"
+        kept = found & (state.item_weight[safe] > 0) if hard else found
         weights = self._weights(sims, kept)
-        if self.pruning_ is not None and not hard:
-            weights *= self._item_weight[safe]
+        if state.pruning is not None and not hard:
+            weights *= state.item_weight[safe]
         winners = staged_winners(codes, weights, kept)
         if hard:
             # Where a prefix holds only excluded items, exclusion is off for it.
@@ -447,8 +469,9 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         y : ndarray of shape (n_queries,)
         """
-        codes, _, winners = self._vote(*self._search(X))
-        return self.classes_[self._winning_codes(codes, winners[:, -1:])[:, 0]]
+        state, sims, rows = self._search(X)
+        codes, _, winners = self._vote(state, sims, rows)
+        return state.classes[self._winning_codes(codes, winners[:, -1:])[:, 0]]
 
     def staged_predict(self, X):
         """Predictions for every ``k = 1 .. n_neighbors`` from one neighbour search.
@@ -466,8 +489,9 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         y : ndarray of shape (n_queries,)
             Predictions with the ``k`` nearest neighbours, for ``k = 1, 2, ...``.
         """
-        codes, _, winners = self._vote(*self._search(X))
-        labels = self.classes_[self._winning_codes(codes, winners)]
+        state, sims, rows = self._search(X)
+        codes, _, winners = self._vote(state, sims, rows)
+        labels = state.classes[self._winning_codes(codes, winners)]
         for k in range(labels.shape[1]):
             yield labels[:, k]
 
@@ -487,8 +511,9 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_queries, n_classes)
             Columns follow ``classes_``.
         """
-        codes, weights, winners = self._vote(*self._search(X))
-        votes = tally(codes, weights, len(self.classes_))
+        state, sims, rows = self._search(X)
+        codes, weights, winners = self._vote(state, sims, rows)
+        votes = tally(codes, weights, len(state.classes))
         total = votes.sum(axis=1)
         empty = total == 0
         if empty.any():
@@ -521,13 +546,13 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         """
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if X is None:
-            check_is_fitted(self)
-            bank = self.memory_.image
+            state = self._read_state()
+            bank = state.memory.image
             self._check_k(k + 1, len(bank))
-            sims, rows = leave_one_out_neighbors(self._index, bank, k, bool(self.verbose))
+            sims, rows = leave_one_out_neighbors(state.index, bank, k, bool(self.verbose))
         else:
-            sims, rows = self._search(X, k)
-        ids = np.where(rows >= 0, self.memory_.image.ids[np.maximum(rows, 0)], -1)
+            state, sims, rows = self._search(X, k)
+        ids = np.where(rows >= 0, state.memory.image.ids[np.maximum(rows, 0)], -1)
         return (1.0 - sims, ids) if return_distance else ids
 
     def explain(self, X):
@@ -546,12 +571,12 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             it cast; 0 for an item excluded by hard pruning), then the
             item's metadata columns.
         """
-        sims, rows = self._search(X)
-        _, weights, _ = self._vote(sims, rows)
+        state, sims, rows = self._search(X)
+        _, weights, _ = self._vote(state, sims, rows)
         n, k = rows.shape
         found = (rows >= 0).ravel()
         flat_rows = rows.ravel()[found]
-        bank = self.memory_.image
+        bank = state.memory.image
         table = pd.DataFrame({
             "query": np.repeat(np.arange(n), k)[found],
             "rank": np.tile(np.arange(k), n)[found],

@@ -16,6 +16,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
+from ._state import State, publish, writer_lock
 from ._validation import (check_n_neighbors, input_metadata_kept_on_error, l2_normalize,
                           resolve_device)
 from .heads import IntegrationHead
@@ -361,7 +362,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : MemoryModularClassifier
         """
-        with input_metadata_kept_on_error(self):
+        with writer_lock(self), input_metadata_kept_on_error(self):
             return self._fit(X, y, self.max_epochs)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -389,19 +390,21 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             unknown = np.setdiff1d(np.asarray(y), classes)
             if unknown.size:
                 raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
-        if not hasattr(self, "heads_"):
-            return self._fit(X, y, 1)
-        X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
-        check_classification_targets(y)
-        _check_known(y, self.memory_)
-        queries = _QuerySet(l2_normalize(X), np.searchsorted(self.classes_, y), self._view,
-                            self.branches_, self)
-        try:
-            self._epoch(self.heads_, self._optimizer(self.heads_), queries,
+        with writer_lock(self), input_metadata_kept_on_error(self):
+            if not hasattr(self, "_state"):
+                return self._fit(X, y, 1)
+            X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
+            check_classification_targets(y)
+            state = self._state
+            _check_known(y, state.memory)
+            queries = _QuerySet(l2_normalize(X), np.searchsorted(state.view.classes, y),
+                                state.view, self.branches_, self)
+            # Train a copy: the published heads serve reads until the epoch is
+            # complete, and an interrupted epoch leaves them as they were.
+            heads = copy.deepcopy(state.heads)
+            self._epoch(heads, self._optimizer(heads), queries,
                         check_random_state(self.random_state))
-        finally:
-            self._heads_untrained = False
-            self._project_memory()  # the heads changed, even if the epoch was interrupted
+            self._adopt(state.memory, state.view, state.support, heads=heads, untrained=False)
         return self
 
     def _fit(self, X, y, max_epochs):
@@ -455,14 +458,9 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             heads[branch].load_state_dict(state)
         view = train.view if val is None or val.view is train.view else _MemoryView(
             memory, branches, self)
-        self.history_ = pd.DataFrame(history)
-        self.best_epoch_ = best[0]
-        self.n_iter_ = epoch
-        self.heads_ = heads
-        self.branches_ = branches
-        self._head_seed = seed
-        self._heads_untrained = best[0] == 0
-        self._adopt(memory, view)
+        self._adopt(memory, view, heads=heads, untrained=best[0] == 0, fitted={
+            "history_": pd.DataFrame(history), "best_epoch_": best[0], "n_iter_": epoch,
+            "branches_": branches, "_head_seed": seed})
         if self.verbose:
             print(self._selection_report(max_epochs, floor, held_out_classes=(
                 val is not None and val.view is not train.view)))
@@ -500,7 +498,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def _identity_heads(self):
-        return all(head.is_identity() for head in self.heads_.values())
+        return all(self._state.identity.values())
 
     def _check_k(self, memory, branches, exclude_self=False):
         """n_neighbors must fit in each searched bank, as in KNNVoteClassifier."""
@@ -616,21 +614,23 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             hits += int(np.sum(predicted == queries.codes[batch]))
         return hits / len(queries)
 
-    def _logits(self, heads, queries, batch, cached=False, attention=None):
+    def _logits(self, heads, queries, batch, state=None, attention=None):
         """Logits (batch, n_classes) of the queries at `batch`.
 
-        With `cached`, keys and values are the cached projections of the whole
-        bank and identity heads are skipped (their output is the query, up to
-        scale); otherwise they are projected here once per distinct item the
-        batch retrieves. With `attention` (a dict), each branch's attention
-        weights are appended to its list there.
+        With a published `state` (prediction), keys and values are its cached
+        projections of the whole bank and identity heads are skipped (their
+        output is the query, up to scale); otherwise (training) they are
+        projected here once per distinct item the batch retrieves. With
+        `attention` (a dict), each branch's attention weights are appended to
+        its list there.
         """
+        cached = state is not None
         device = next(iter(heads.values())).q_proj.weight.device
         query = _as_tensor(queries.X[batch], device)
         z = 0.0
         for branch, head in heads.items():
             prototypes = queries.view.prototype_tensor(branch, device)
-            if cached and attention is None and self._identity[branch]:
+            if cached and attention is None and state.identity[branch]:
                 z = z + query @ prototypes.T
                 continue
             valid = None
@@ -643,7 +643,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                     valid = _as_tensor(found >= 0, device)
                     found = np.maximum(found, 0)
                 if cached:
-                    keys, values = self._projection(branch)
+                    keys, values = _projection(state, branch)
                     rows = _as_tensor(found, device)
                 else:
                     unique, inverse = np.unique(found, return_inverse=True)
@@ -658,31 +658,34 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     # -- the memory ----------------------------------------------------------------------
 
-    def _adopt(self, memory, view=None, support=None):
-        """Make `memory` the classifier's memory: indexes, prototypes, projections."""
+    def _adopt(self, memory, view=None, support=None, heads=None, untrained=None,
+               fitted=None):
+        """Publish `memory` (its view: indexes, prototypes) with the heads, in one step.
+
+        Everything is built first; then one update installs the new state
+        and the public attributes (see :mod:`skmml._state`), so a read sees
+        the old classifier or the new one, and a failure changes nothing.
+        """
+        fitted = dict(fitted or {})
+        branches = fitted.get("branches_", getattr(self, "branches_", None))
+        previous = getattr(self, "_state", None)
+        if heads is None:
+            heads = previous.heads
+        if untrained is None:
+            untrained = previous.untrained
         if view is None:
-            view = _MemoryView(memory, self.branches_, self, support)
-        self._support = support
-        self.memory_ = memory
-        self.classes_ = view.classes
-        self.n_features_in_ = memory.n_features
-        self._view = view
-        self._project_memory()
-
-    def _project_memory(self):
-        """Drop cached projections (the memory or the heads changed); note identity heads."""
-        self._projected = {}
-        self._identity = {b: head.is_identity() for b, head in self.heads_.items()}
-
-    @torch.no_grad()
-    def _projection(self, branch):
-        """Keys and values of every item of the branch's bank, computed once and cached."""
-        if branch not in self._projected:
-            head = self.heads_[branch]
+            view = _MemoryView(memory, branches, self, support)
+        for head in heads.values():
             head.eval()
-            items = _as_tensor(self._view.banks[branch].embeddings, head.q_proj.weight.device)
-            self._projected[branch] = head.project_memory(items)
-        return self._projected[branch]
+        state = State(memory=memory, view=view, support=support, heads=heads,
+                      untrained=untrained, projected={},
+                      identity={b: head.is_identity() for b, head in heads.items()})
+        publish(self, state, memory_=memory, classes_=view.classes, heads_=heads,
+                n_features_in_=memory.n_features, **fitted)
+
+    def _read_state(self):
+        check_is_fitted(self, "heads_")
+        return self._state
 
     def set_memory(self, memory, mode="replace", support=None, *, reassign_ids=False):
         """Replace the memory (unseen classes, no retraining) or expand it.
@@ -706,12 +709,16 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : MemoryModularClassifier
         """
-        check_is_fitted(self, "heads_")
+        with writer_lock(self):
+            return self._set_memory(memory, mode, support, reassign_ids)
+
+    def _set_memory(self, memory, mode, support, reassign_ids):
+        state = self._read_state()
         if not isinstance(memory, Memory):
             raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
         if mode == "expand":
-            memory = self.memory_.expand(memory, reassign_ids=reassign_ids)
-            support = self._support if support is None else support
+            memory = state.memory.expand(memory, reassign_ids=reassign_ids)
+            support = state.support if support is None else support
         elif mode != "replace":
             raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
         elif reassign_ids:
@@ -732,29 +739,34 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     def forget(self, ids):
         """Remove memory items by id; prototypes and retrieval follow. Returns self."""
-        check_is_fitted(self, "heads_")
-        self._adopt(self.memory_.remove(ids), support=self._support)
+        with writer_lock(self):
+            state = self._read_state()
+            self._adopt(state.memory.remove(ids), support=state.support)
         return self
 
     # -- prediction ----------------------------------------------------------------------
 
     def _queries(self, X, explain=False):
-        """Validated queries and their neighbours; identity heads need none unless explaining."""
+        """(state, queries): one published state for the whole read, and the validated
+        queries with their neighbours in it (identity heads need none unless explaining)."""
         check_is_fitted(self, "heads_")
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
-        self._check_k(self.memory_, self.branches_)
-        search = [b for b in self.branches_ if explain or not self._identity[b]]
-        return _QuerySet(l2_normalize(X), None, self._view, search, self)
+        state = self._state
+        if X.shape[1] != state.memory.n_features:
+            # A memory of another width was published after validation: the
+            # read sees the new memory, so it fails as it would have after.
+            validate_data(self, X, reset=False)
+        self._check_k(state.memory, self.branches_)
+        search = [b for b in self.branches_ if explain or not state.identity[b]]
+        return state, _QuerySet(l2_normalize(X), None, state.view, search, self)
 
     @torch.no_grad()
-    def _all_logits(self, queries, attention=None):
-        for head in self.heads_.values():
-            head.eval()
+    def _all_logits(self, state, queries, attention=None):
         blocks = []
         for start in range(0, len(queries), _INFERENCE_BATCH):
             batch = np.arange(start, min(start + _INFERENCE_BATCH, len(queries)))
             blocks.append(
-                self._logits(self.heads_, queries, batch, True, attention).cpu().numpy()
+                self._logits(state.heads, queries, batch, state, attention).cpu().numpy()
             )
         return np.concatenate(blocks)
 
@@ -771,7 +783,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         z : ndarray of shape (n_queries, n_classes), or (n_queries,) for two
             classes (``z_1 - z_0``, scikit-learn's convention).
         """
-        z = self._all_logits(self._queries(X))
+        z = self._all_logits(*self._queries(X))
         return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def predict_proba(self, X):
@@ -786,7 +798,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         -------
         proba : ndarray of shape (n_queries, n_classes)
         """
-        return softmax(self._all_logits(self._queries(X)).astype(np.float64), copy=False)
+        return softmax(self._all_logits(*self._queries(X)).astype(np.float64), copy=False)
 
     def predict(self, X):
         """The class with the largest logit.
@@ -800,8 +812,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         -------
         y : ndarray of shape (n_queries,)
         """
-        z = self._all_logits(self._queries(X))
-        return self.classes_[z.argmax(axis=1)]
+        state, queries = self._queries(X)
+        return state.view.classes[self._all_logits(state, queries).argmax(axis=1)]
 
     def explain(self, X):
         """Retrieved items per branch with their attention weights.
@@ -821,12 +833,12 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         """
         if self.retrieval == "none":
             raise ValueError("retrieval='none' retrieves nothing to explain.")
-        queries = self._queries(X, explain=True)
+        state, queries = self._queries(X, explain=True)
         attention = {}
-        self._all_logits(queries, attention)
+        self._all_logits(state, queries, attention)
         tables = []
         for branch in self.branches_:
-            bank = self._view.banks[branch]
+            bank = state.view.banks[branch]
             rows, sims = queries.rows[branch], queries.sims[branch]
             n, k = rows.shape
             found = (rows >= 0).ravel()
@@ -851,13 +863,15 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: never alter the live estimator
-        if "heads_" in state:
+        if "_state" in state:
+            published = state["_state"]
             state["heads_"] = {
-                b: None if self._heads_untrained
+                b: None if published.untrained
                 else {k: v.detach().cpu() for k, v in h.state_dict().items()}
-                for b, h in self.heads_.items()
+                for b, h in published.heads.items()
             }
-            del state["_projected"]
+            # The heads are stored once, above; projections are a cache.
+            state["_state"] = published.replace(heads=None, identity=None, projected={})
         return state
 
     def __setstate__(self, state):
@@ -872,10 +886,12 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 head = fresh[branch]
                 if weights is not None:
                     head.load_state_dict(weights)
-                state["heads_"][branch] = head.to(device)
+                state["heads_"][branch] = head.to(device).eval()
+            published = state["_state"]
+            state["_state"] = published.replace(
+                heads=state["heads_"], projected={},
+                identity={b: h.is_identity() for b, h in state["heads_"].items()})
         super().__setstate__(state)
-        if heads is not None:
-            self._project_memory()
 
 
 _INFERENCE_BATCH = 4096
@@ -888,6 +904,21 @@ def _check_known(y, memory):
             f"Classes of y not in the memory: {unknown[:10].tolist()}. The classes are the "
             "memory's: add a class's items with set_memory(Memory(...), mode='expand') first."
         )
+
+
+@torch.no_grad()
+def _projection(state, branch):
+    """Keys and values of every item of a branch's bank, computed once per state.
+
+    Readers fill this cache of the published state lazily; two readers may
+    both compute it, with the same result.
+    """
+    projected = state.projected.get(branch)
+    if projected is None:
+        head = state.heads[branch]
+        items = _as_tensor(state.view.banks[branch].embeddings, head.q_proj.weight.device)
+        projected = state.projected.setdefault(branch, head.project_memory(items))
+    return projected
 
 
 def _new_heads(branches, dim, residual_init, seed, device):

@@ -147,33 +147,53 @@ class NeighborIndex:
         return self
 
     def add(self, bank, n_new):
-        """Follow `bank`, whose last `n_new` rows are new items; return self."""
-        if self.faiss_index_ is not None:
-            new = slice(len(bank) - n_new, len(bank))
-            if self.by_row_:
-                self.faiss_index_.add(bank.embeddings[new])
-            else:
-                self.faiss_index_.add_with_ids(bank.embeddings[new], bank.ids[new])
-        self.bank_ = bank
-        return self
+        """A new index of `bank`, whose last `n_new` rows are new items.
+
+        This index is left as it is (searches may be running on it): exact
+        search on the CPU just reads the new bank; a FAISS index is cloned
+        and the clone gets the new items; a GPU index is rebuilt.
+        """
+        if self.faiss_index_ is None:
+            return self._following(bank, None)
+        if self.by_row_:
+            return self._new().build(bank)
+        index = faiss.clone_index(self.faiss_index_)
+        new = slice(len(bank) - n_new, len(bank))
+        index.add_with_ids(bank.embeddings[new], bank.ids[new])
+        return self._following(bank, index)
 
     def remove(self, bank, ids):
-        """Follow `bank`, from which the items `ids` were removed; return self."""
+        """A new index of `bank`, from which the items `ids` were removed.
+
+        This index is left as it is; see :meth:`add`. Index types that cannot
+        remove (HNSW) are rebuilt from the remaining items.
+        """
         if self.faiss_index_ is None:
-            self.bank_ = bank
-            return self
+            return self._following(bank, None)
         if self.by_row_:
-            return self.build(bank)
+            return self._new().build(bank)
+        index = faiss.clone_index(self.faiss_index_)
         try:
-            removed = self.faiss_index_.remove_ids(
+            removed = index.remove_ids(
                 faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
             )
         except RuntimeError:
-            return self.build(bank)
+            return self._new().build(bank)
         if removed != len(ids):
             raise RuntimeError(f"FAISS removed {removed} of {len(ids)} items.")
-        self.bank_ = bank
-        return self
+        return self._following(bank, index)
+
+    def _new(self):
+        return NeighborIndex(self.index, self.params, self.device)
+
+    def _following(self, bank, faiss_index):
+        """A new CPU index object over `bank` with `faiss_index` (None: exact search)."""
+        index = self._new()
+        index.bank_, index.on_gpu_, index.by_row_ = bank, False, False
+        index.faiss_index_ = faiss_index
+        if faiss_index is not None:
+            index._set_search_params()
+        return index
 
     # -- searching -------------------------------------------------------------------
 

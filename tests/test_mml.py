@@ -150,11 +150,11 @@ def test_too_few_classes_hold_out_queries_instead(digits):
 def test_identity_heads_skip_their_retrieval_and_match_the_full_computation(monkeypatch):
     memory, X, y = _multimodal_memory()
     clf = MemoryModularClassifier(max_epochs=0, memory=memory, random_state=0).fit(X, y)
-    assert clf._identity == {"image": True, "text": True}
+    assert clf._state.identity == {"image": True, "text": True}
     trained = MemoryModularClassifier(max_epochs=2, memory=memory, validation_fraction=None,
                                       random_state=0).fit(X[:5], y[:5])
-    assert trained._identity == {"image": False, "text": False}
-    full = clf._all_logits(clf._queries(X, explain=True), attention={})
+    assert trained._state.identity == {"image": False, "text": False}
+    full = clf._all_logits(*clf._queries(X, explain=True), attention={})
     searched = []
     monkeypatch.setattr(mml._MemoryView, "neighbours", lambda *args: searched.append(args))
     np.testing.assert_allclose(clf.decision_function(X), full, rtol=1e-5, atol=1e-5)
@@ -247,7 +247,7 @@ def test_few_shot_support_sets_image_prototypes():
     clf.set_memory(memory, support=(shots, [2, 2, 2]))
     mean = shots / np.linalg.norm(shots, axis=1, keepdims=True)
     mean = mean.mean(axis=0)
-    np.testing.assert_allclose(clf._view.prototypes["image"][2], mean / np.linalg.norm(mean),
+    np.testing.assert_allclose(clf._state.view.prototypes["image"][2], mean / np.linalg.norm(mean),
                                rtol=1e-5)
     with pytest.raises(ValueError, match="not in the memory"):
         clf.set_memory(memory, support=(shots, [99, 99, 99]))
@@ -295,7 +295,7 @@ def test_missing_neighbours_of_an_approximate_index_get_no_attention():
     X, y = rng.normal(size=(2000, 16)).astype(np.float32), rng.integers(0, 5, 2000)
     clf = MemoryModularClassifier(max_epochs=1, index="IVF64,Flat", index_params={"nprobe": 1},
                                   index_device="cpu", random_state=0).fit(X, y)
-    assert (clf._queries(X[:200], explain=True).rows["image"] < 0).any()
+    assert (clf._queries(X[:200], explain=True)[1].rows["image"] < 0).any()
     table = clf.explain(X[:200])
     assert np.isfinite(table["similarity"]).all()
     np.testing.assert_allclose(table.groupby("query")["attention"].sum(), 1.0, rtol=1e-5)
@@ -323,13 +323,15 @@ def test_expand_with_clashing_ids_can_renumber(digits):
     np.testing.assert_array_equal(clf.classes_, np.arange(10))
 
 
-def test_reassign_ids_only_with_expand_and_interrupted_partial_fit_refreshes_caches(
+def test_reassign_ids_only_with_expand_and_interrupted_partial_fit_changes_nothing(
         digits, monkeypatch):
     X, y = digits
     clf = MemoryModularClassifier(max_epochs=0, random_state=0).fit(X[:200], y[:200])
     with pytest.raises(ValueError, match="mode='expand' only"):
         clf.set_memory(clf.memory_, reassign_ids=True)
-    assert clf._identity == {"image": True}
+    assert clf._state.identity == {"image": True}
+    before = _weights(clf)
+    z_before = clf.decision_function(X[200:260])
     steps = []
 
     def failing_step(self, *args, **kwargs):
@@ -342,8 +344,16 @@ def test_reassign_ids_only_with_expand_and_interrupted_partial_fit_refreshes_cac
     monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):
         clf.set_params(batch_size=50).partial_fit(X[:200], y[:200])
-    assert clf._identity == {"image": False}  # the heads changed before the interruption
-    full = clf._all_logits(clf._queries(X[200:260], explain=True), attention={})
+    # The epoch trained a copy of the heads: interrupted, it published nothing.
+    assert len(steps) == 2
+    assert clf._state.identity == {"image": True}
+    for branch, weights in _weights(clf).items():
+        for name, value in weights.items():
+            torch.testing.assert_close(value, before[branch][name], rtol=0, atol=0)
+    np.testing.assert_array_equal(clf.decision_function(X[200:260]), z_before)
+    clf.partial_fit(X[:200], y[:200])  # completed: the trained copy is published
+    assert clf._state.identity == {"image": False}
+    full = clf._all_logits(*clf._queries(X[200:260], explain=True), attention={})
     np.testing.assert_allclose(clf.decision_function(X[200:260]), full, rtol=1e-4, atol=1e-4)
 
 

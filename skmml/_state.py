@@ -1,0 +1,74 @@
+"""Copy-on-write estimator state: consistent reads while the memory changes.
+
+Every read method of a fitted skmml estimator (``predict``, ``kneighbors``,
+``explain``, ...) takes the estimator's current :class:`State` once and uses
+nothing else. Every mutating method (``partial_fit``, ``forget``,
+``set_memory``, ``prune``, ...) builds a complete new state aside, never
+touching the published one, and installs it with :func:`publish`: one update
+of the estimator's ``__dict__`` that also sets the public fitted attributes.
+So a read sees the whole state before or after a change, never a mix, and a
+change that raises (even ``KeyboardInterrupt``) leaves the estimator as it
+was. Writers are serialised by a per-estimator lock (:func:`writer_lock`).
+"""
+
+import threading
+
+
+class State:
+    """The fields a read needs; never changed after publication, except caches.
+
+    A cache field (e.g. the memory's projections by a head) may be filled
+    lazily by readers: it is derived from the other fields only.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def replace(self, **changes):
+        """A new state with `changes` applied; this one is left as it is."""
+        return State(**{**self.__dict__, **changes})
+
+
+class WriterLock:
+    """A re-entrant lock that pickles and deep-copies as a new, free lock."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+
+    def __reduce__(self):
+        return (WriterLock, ())
+
+    def __deepcopy__(self, memo):
+        return WriterLock()
+
+
+_GUARD = threading.Lock()
+
+
+def writer_lock(estimator):
+    """The estimator's writer lock, created on first use."""
+    lock = estimator.__dict__.get("_writer_lock")
+    if lock is None:
+        with _GUARD:
+            lock = estimator.__dict__.setdefault("_writer_lock", WriterLock())
+    return lock
+
+
+def publish(estimator, state, **attributes):
+    """Install `state` and the public attributes derived from it in one step.
+
+    ``dict.update`` with string keys runs no Python code between its
+    insertions, so no other thread (nor a signal handler) can observe a
+    partial update; the previous state is kept alive until the update is
+    done, so that no object's deallocation runs in the middle of it.
+    """
+    previous = estimator.__dict__.get("_state")
+    estimator.__dict__.update({"_state": state, **attributes})
+    del previous
