@@ -30,17 +30,10 @@ class State:
 
 
 class WriterLock:
-    """A re-entrant lock that pickles and deep-copies as a new, free lock."""
+    """Holds a re-entrant lock; pickles and deep-copies as a new, free lock."""
 
     def __init__(self):
-        self._lock = threading.RLock()
-
-    def __enter__(self):
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc_info):
-        self._lock.release()
+        self.lock = threading.RLock()
 
     def __reduce__(self):
         return (WriterLock, ())
@@ -53,12 +46,16 @@ _GUARD = threading.Lock()
 
 
 def writer_lock(estimator):
-    """The estimator's writer lock, created on first use."""
-    lock = estimator.__dict__.get("_writer_lock")
-    if lock is None:
+    """The estimator's writer lock (created on first use), for a ``with`` block.
+
+    It is the C-implemented ``threading.RLock`` itself, whose ``__enter__``
+    and ``__exit__`` cannot be interrupted half-way by a signal.
+    """
+    holder = estimator.__dict__.get("_writer_lock")
+    if holder is None:
         with _GUARD:
-            lock = estimator.__dict__.setdefault("_writer_lock", WriterLock())
-    return lock
+            holder = estimator.__dict__.setdefault("_writer_lock", WriterLock())
+    return holder.lock
 
 
 def publish(estimator, state, **attributes):

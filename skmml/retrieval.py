@@ -133,7 +133,13 @@ class NeighborIndex:
         except RuntimeError as exc:
             raise ValueError(f"Invalid FAISS index {self.index!r}: {exc}") from None
         if not core.is_trained:
-            core.train(bank.embeddings)
+            try:
+                core.train(bank.embeddings)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"Cannot train FAISS index {self.index!r} ({spec}) on {len(bank)} items: "
+                    f"{exc}"
+                ) from None
         if self.on_gpu_:
             self.faiss_index_ = self._to_gpu(core)
             self.faiss_index_.add(bank.embeddings)
