@@ -65,18 +65,39 @@ def check_n_neighbors(k, n_items, bank="image", exclude_self=False):
 def l2_normalize(X):
     """Return the rows of float32 `X` scaled to unit L2 norm, read-only.
 
-    Rows already of unit norm are returned without a copy; all-zero rows stay
-    zero (their cosine similarity to everything is 0), as in
-    :func:`sklearn.preprocessing.normalize`.
+    Rows already of unit norm are returned without a copy. Other rows are
+    first divided by their largest absolute entry and only then squared, so
+    that every finite non-zero row comes out of unit norm: rows of norm 1e30
+    do not overflow to zero and rows of norm 1e-30 do not underflow and stay
+    unnormalised (float32 squares overflow above about 1.8e19 and underflow
+    below about 1e-19). All-zero rows stay zero (their cosine similarity to
+    everything is 0), as in :func:`sklearn.preprocessing.normalize`; a memory
+    refuses them (:func:`check_nonzero_rows`).
     """
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
-    if np.all((np.abs(norms - 1.0) <= _UNIT_NORM_ATOL) | (norms == 0.0)):
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+    if np.all(np.abs(norms - 1.0) <= _UNIT_NORM_ATOL):
         out = X.view()
     else:
+        scale = np.max(np.abs(X), axis=1) if X.shape[1] else np.zeros(X.shape[0], X.dtype)
+        scale[scale == 0.0] = 1.0
+        scaled = X / scale[:, None]
+        norms = np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
         norms[norms == 0.0] = 1.0
-        out = X / norms[:, None].astype(np.float32)
+        out = (scaled / norms[:, None]).astype(np.float32, copy=False)
     out.flags.writeable = False
     return out
+
+
+def check_nonzero_rows(X, *, name="embeddings"):
+    """Raise a ValueError naming the rows of `X` that are all zero (no direction)."""
+    zero = ~np.any(X, axis=1)
+    if zero.any():
+        rows = np.flatnonzero(zero)
+        raise ValueError(
+            f"{name} has {rows.size} all-zero rows (e.g. row {rows[0]}): an all-zero "
+            "embedding has no direction, so it cannot be normalised or retrieved."
+        )
 
 
 def check_labels(labels, n, *, name="labels"):
@@ -111,7 +132,14 @@ def check_ids(ids, n, *, name="ids"):
         raise ValueError(f"{name} must be 1-D with {n} entries, got shape {ids.shape}.")
     if n and ids.dtype.kind not in "iu":
         raise ValueError(f"{name} must be integers, got dtype {ids.dtype}.")
+    if n and ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} has values above the int64 range.")
     ids = ids.astype(np.int64, copy=False)
+    if n and ids.min() < 0:
+        raise ValueError(
+            f"{name} contains negative values (e.g. {int(ids.min())}): ids are >= 0, and "
+            "-1 marks a missing neighbour in search results."
+        )
     if np.unique(ids).shape[0] != n:
         raise ValueError(f"{name} contains duplicates.")
     return ids

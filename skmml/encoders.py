@@ -220,18 +220,40 @@ class _EmbeddingCache:
     def store(self, path, embedding):
         """Write one entry atomically (a temporary file, then a rename)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.width() is None:
+            self._write(self.root / "width", np.int64(embedding.shape[0]))
+        self._write(path, embedding)
+
+    def _write(self, path, array):
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.save(f, embedding)
+            np.save(f, array)
         os.replace(tmp, path)
+
+    def width(self):
+        """The model's embedding width as first stored, or None."""
+        try:
+            width = np.load(self.root / "width", allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        return int(width) if width.shape == () and width.dtype.kind == "i" else None
 
 
 def _read_entry(path):
-    """A cached embedding, or None when missing or unreadable (then it is recomputed)."""
+    """A cached embedding, or None when missing, unreadable or invalid (then recomputed).
+
+    Valid: a 1-D float32 array, finite, of unit norm (what :meth:`store` writes);
+    a zero-byte, truncated, NaN or wrong-shaped entry is not.
+    """
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+        row = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
         return None
+    if row.ndim != 1 or row.dtype != np.float32 or not row.size:
+        return None
+    if not np.all(np.isfinite(row)) or abs(float(np.linalg.norm(row)) - 1.0) > 1e-3:
+        return None
+    return row
 
 
 def _weights_id(pretrained):
@@ -319,13 +341,23 @@ class _ImageEncoder(_Encoder):
             return self._encode(items)
         entries = [cache.path(item) if isinstance(item, (str, Path)) else None for item in items]
         rows = [None if entry is None else _read_entry(entry) for entry in entries]
-        todo = [i for i, row in enumerate(rows) if row is None]
-        if todo:
-            for i, row in zip(todo, self._encode([items[i] for i in todo])):
-                rows[i] = row
-                if entries[i] is not None:
-                    cache.store(entries[i], row)
+        width = self._fill(rows, [i for i, row in enumerate(rows) if row is None], items,
+                           entries, cache)
+        # An entry of another width than the model's output is corrupt too.
+        widths = [row.shape[0] for row in rows]
+        width = width or cache.width() or max(set(widths), key=widths.count)
+        self._fill(rows, [i for i, w in enumerate(widths) if w != width], items, entries, cache)
         return np.stack(rows).astype(np.float32, copy=False)
+
+    def _fill(self, rows, todo, items, entries, cache):
+        """Compute the rows at `todo`, store them in the cache; their width, or None."""
+        width = None
+        for i, row in zip(todo, self._encode([items[i] for i in todo]) if todo else ()):
+            rows[i] = row
+            width = row.shape[0]
+            if entries[i] is not None:
+                cache.store(entries[i], row)
+        return width
 
     def _cache(self):
         if self.cache is None:

@@ -1,14 +1,19 @@
 """The memory: what a memory-modular classifier knows, held outside its weights."""
 
+import contextlib
 import io
 import json
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
-from ._validation import check_embeddings, check_ids, check_labels, l2_normalize
+from ._validation import (check_embeddings, check_ids, check_labels, check_nonzero_rows,
+                          l2_normalize)
 from .herding import herding_order
 
 MODALITIES = ("image", "text")
@@ -475,11 +480,13 @@ class Memory:
     # -- persistence ---------------------------------------------------------------
 
     def save(self, path):
-        """Write the memory to `path` (an ``.npz`` archive, no pickle inside).
+        """Write the memory to `path` (an ``.npz`` archive, no pickle inside), atomically.
 
         Embeddings, labels (any numeric or string dtype) and ids are stored as
         plain arrays; metadata as Parquet. :meth:`load` restores the memory
-        exactly.
+        exactly. The archive is written to a temporary file in the same
+        folder, flushed to disk (fsync) and renamed over `path`: a crash or a
+        full disk during ``save`` leaves the previous file intact.
         """
         header = {"format": _FORMAT, "version": _FORMAT_VERSION, "banks": {}}
         arrays = {}
@@ -497,41 +504,197 @@ class Memory:
                 bank.metadata.to_parquet(buffer, index=False)
                 arrays[f"{modality}_metadata"] = np.frombuffer(buffer.getvalue(), np.uint8)
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_folder(folder)
 
     @classmethod
-    def load(cls, path):
-        """Read a memory written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as archive:
-            header = json.loads(archive["header"].tobytes())
-            if header.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a saved skmml Memory.")
-            if header.get("version") != _FORMAT_VERSION:
+    def load(cls, path, *, max_bytes=None):
+        """Read a memory written by :meth:`save`, checked as the constructor checks.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The ``.npz`` file.
+        max_bytes : int, default=None
+            Most bytes the file's arrays (and Parquet metadata) may declare,
+            checked from their headers before anything is decompressed or
+            allocated. None allows four times the file's size plus 16 MiB
+            (``save`` writes uncompressed arrays, so a genuine file declares
+            about its own size); raise it for files you trust.
+
+        Raises
+        ------
+        ValueError
+            Naming the file and the problem, for any malformed file: not an
+            archive, a missing or extra-large array, a wrong header, labels,
+            ids or metadata that do not match the embeddings, duplicate or
+            negative ids, non-finite, all-zero or non-unit embeddings, or a
+            ``labels_dtype`` that would change the labels.
+        """
+        path = os.fspath(path)
+        if max_bytes is None:
+            max_bytes = 4 * os.path.getsize(path) + 16 * 2**20
+        try:
+            return _load_checked(path, max_bytes)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
+                zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, (zipfile.BadZipFile,)):
+                if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+                    raise
+            problem = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ValueError(f"Cannot load a Memory from {path}: {problem}") from None
+
+
+def _fsync_folder(folder):
+    """Make a rename in `folder` durable (where the platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _declared_sizes(path, max_bytes):
+    """Bytes each ``.npy`` member of the archive declares, checked against `max_bytes`.
+
+    Reads only the members' headers: nothing is decompressed or allocated.
+    """
+    sizes, total = {}, 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"unexpected member {info.filename!r} in the archive")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = reader(member, max_header_size=10_000)
+            if dtype.hasobject:
+                raise ValueError(f"array {info.filename[:-4]!r} holds Python objects")
+            nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if nbytes > info.file_size:
                 raise ValueError(
-                    f"{path} has Memory format version {header.get('version')}; "
-                    f"this skmml reads version {_FORMAT_VERSION}."
+                    f"array {info.filename[:-4]!r} declares {nbytes} bytes but its member "
+                    f"holds {info.file_size}: the file is truncated or corrupt"
                 )
-            banks = []
-            for modality in MODALITIES:
-                labels = archive[f"{modality}_labels"]
-                labels = labels.astype(np.dtype(header["banks"][modality]["labels_dtype"]))
-                key = f"{modality}_metadata"
-                n = labels.shape[0]
-                metadata = (
-                    pd.read_parquet(io.BytesIO(archive[key].tobytes()))
-                    if key in archive.files
-                    else pd.DataFrame(index=pd.RangeIndex(n))
+            total += nbytes
+            if total > max_bytes:
+                raise ValueError(
+                    f"its arrays declare more than max_bytes={max_bytes} bytes; pass a larger "
+                    "max_bytes to Memory.load for a file you trust"
                 )
-                banks.append(
-                    _make_bank(
-                        archive[f"{modality}_embeddings"],
-                        labels,
-                        archive[f"{modality}_ids"],
-                        metadata,
+            sizes[info.filename[:-4]] = nbytes
+    return sizes, max_bytes - total
+
+
+def _load_checked(path, max_bytes):
+    sizes, budget = _declared_sizes(path, max_bytes)
+    if "header" not in sizes:
+        raise ValueError("it has no header: it is not a saved skmml Memory")
+    with np.load(path, allow_pickle=False) as archive:
+        try:
+            header = json.loads(archive["header"].tobytes())
+        except ValueError as exc:
+            raise ValueError(f"its header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+            raise ValueError("it is not a saved skmml Memory")
+        if header.get("version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"it has Memory format version {header.get('version')}; this skmml reads "
+                f"version {_FORMAT_VERSION}"
+            )
+        expected = {"header"} | {f"{m}_{a}" for m in MODALITIES
+                                 for a in ("embeddings", "labels", "ids")}
+        missing = expected - set(sizes)
+        if missing:
+            raise ValueError(f"missing arrays: {sorted(missing)}")
+        unknown = set(sizes) - expected - {f"{m}_metadata" for m in MODALITIES}
+        if unknown:
+            raise ValueError(f"unexpected arrays: {sorted(unknown)}")
+        banks = []
+        for modality in MODALITIES:
+            embeddings = archive[f"{modality}_embeddings"]
+            n = embeddings.shape[0] if embeddings.ndim else -1
+            if embeddings.ndim != 2 or embeddings.dtype != np.float32:
+                raise ValueError(
+                    f"{modality} embeddings must be a 2-D float32 array, got "
+                    f"{embeddings.dtype} of shape {embeddings.shape}"
+                )
+            labels = _stored_labels(archive[f"{modality}_labels"],
+                                    header["banks"][modality]["labels_dtype"], modality)
+            labels = check_labels(labels, n, name=f"{modality} labels")
+            ids = check_ids(archive[f"{modality}_ids"], n, name=f"{modality} ids")
+            key = f"{modality}_metadata"
+            if key in sizes:
+                metadata = _read_metadata(archive[key].tobytes(), n, budget, modality)
+            else:
+                metadata = pd.DataFrame(index=pd.RangeIndex(n))
+            if n:
+                embeddings = check_embeddings(embeddings, name=f"{modality} embeddings")
+                check_nonzero_rows(embeddings, name=f"{modality} embeddings")
+                norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings,
+                                          dtype=np.float64))
+                off = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
+                if off.size:
+                    raise ValueError(
+                        f"{modality} embeddings are not of unit norm ({off.size} rows, e.g. "
+                        f"row {off[0]} has norm {norms[off[0]]:.6g}); save() writes unit rows"
                     )
-                )
-        return cls._from_banks(*banks, check=True)
+            banks.append(_make_bank(embeddings, labels, ids, metadata))
+    return Memory._from_banks(*banks, check=True)
+
+
+def _stored_labels(labels, dtype_str, modality):
+    """Labels as saved, in the header's dtype, refusing a dtype that changes them."""
+    dtype = np.dtype(dtype_str)
+    if dtype.hasobject:
+        return labels.astype(object)
+    if dtype.kind not in "biufU":
+        raise ValueError(f"{modality} labels_dtype {dtype_str!r} is not supported")
+    converted = labels.astype(dtype)
+    if not np.array_equal(converted, labels):
+        raise ValueError(
+            f"{modality} labels_dtype {dtype_str!r} in the header does not hold the stored "
+            f"{labels.dtype} labels without changing them"
+        )
+    return converted
+
+
+def _read_metadata(raw, n, budget, modality):
+    """Parquet metadata, its declared uncompressed size checked before reading."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(io.BytesIO(raw))
+    declared = sum(parquet.metadata.row_group(i).total_byte_size
+                   for i in range(parquet.metadata.num_row_groups))
+    if declared > budget:
+        raise ValueError(
+            f"{modality} metadata declares {declared} bytes, above what max_bytes allows"
+        )
+    if parquet.metadata.num_rows != n:
+        raise ValueError(
+            f"{modality} metadata has {parquet.metadata.num_rows} rows but there are {n} "
+            "embeddings"
+        )
+    return pd.read_parquet(io.BytesIO(raw))
 
 
 def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
@@ -547,6 +710,7 @@ def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
         else check_ids(ids, n, name=f"{modality} ids")
     )
     metadata = _check_metadata(metadata, n, f"{modality} metadata")
+    check_nonzero_rows(emb, name=f"{modality} embeddings")
     return _make_bank(l2_normalize(emb), labels, ids, metadata)
 
 

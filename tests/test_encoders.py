@@ -282,3 +282,38 @@ def test_lower_precision_gives_float32_close_to_fp32(tiny_clip, files):
     assert half.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, rtol=1e-5)
     assert np.min(np.sum(half * full, axis=1)) > 0.99
+
+
+def test_cache_recomputes_every_kind_of_corrupt_entry(tiny_clip, files, tmp_path):
+    name, checkpoint = tiny_clip
+    encoder = CLIPImageEncoder(name, pretrained=checkpoint, device="cpu",
+                               cache=tmp_path / "cache")
+    expected = encoder.transform(files[:4])
+    entries = sorted(p for p in (tmp_path / "cache").rglob("*.npy"))
+    assert len(entries) == 4
+    width = expected.shape[1]
+    corrupt = {
+        "zero bytes": lambda p: p.write_bytes(b""),
+        "NaN": lambda p: np.save(p, np.full(width, np.nan, np.float32)),
+        "wrong width": lambda p: np.save(p, _unit_ones(width + 3)),
+        "not unit norm": lambda p: np.save(p, np.full(width, 5.0, np.float32)),
+        "float64": lambda p: np.save(p, expected[0].astype(np.float64)),
+        "2-D": lambda p: np.save(p, expected[:1]),
+    }
+    for name_, write in corrupt.items():
+        # The first entry's file is the one each corruption hits.
+        for entry in entries:
+            write(entry) if entry == entries[0] else None
+        got = encoder.transform(files[:4])
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name_)
+        # The bad entry was rewritten with the right embedding.
+        np.testing.assert_allclose(np.load(entries[0]), expected[np.argmax(
+            [np.allclose(np.load(entries[0]), e, atol=1e-6) for e in expected])], atol=1e-6)
+    # Every entry of another width (all of them) is recomputed as well.
+    for entry in entries:
+        np.save(entry, _unit_ones(width + 3))
+    np.testing.assert_allclose(encoder.transform(files[:4]), expected, atol=1e-6)
+
+
+def _unit_ones(n):
+    return np.full(n, 1 / np.sqrt(n), dtype=np.float32)

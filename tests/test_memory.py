@@ -1,4 +1,5 @@
 import copy
+import json
 
 import joblib
 import numpy as np
@@ -47,9 +48,27 @@ def test_unit_norm_float32_input_is_kept_without_copy():
     assert np.shares_memory(memory.image.embeddings, X)
 
 
-def test_zero_rows_stay_zero():
-    memory = Memory(np.array([[0.0, 0.0], [3.0, 4.0]]), [0, 1])
-    np.testing.assert_array_equal(memory.image.embeddings, np.float32([[0, 0], [0.6, 0.8]]))
+def test_all_zero_rows_are_an_error_and_queries_of_zeros_stay_zero():
+    with pytest.raises(ValueError, match="image embeddings has 1 all-zero rows .*row 0"):
+        Memory(np.array([[0.0, 0.0], [3.0, 4.0]]), [0, 1])
+    from skmml._validation import l2_normalize
+
+    q = l2_normalize(np.float32([[0, 0], [3, 4]]))
+    np.testing.assert_array_equal(q, np.float32([[0, 0], [0.6, 0.8]]))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e19, 1e25, 1e37])
+def test_normalisation_is_exact_for_any_finite_nonzero_row(scale):
+    # float32 squares overflow above ~1.8e19 and underflow below ~1e-19.
+    rows = np.float32([[3, 4, 0], [1, 1, 1], [0, 0, -2]]) * np.float32(scale)
+    memory = Memory(rows, [0, 1, 2])
+    expected = np.float32([[0.6, 0.8, 0], [3 ** -0.5] * 3, [0, 0, -1]])
+    np.testing.assert_allclose(memory.image.embeddings, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_negative_ids_are_an_error():
+    with pytest.raises(ValueError, match="negative values .*-1 marks a missing neighbour"):
+        Memory(np.eye(3), [0, 1, 2], image_ids=[0, -1, 2])
 
 
 def test_ids_default_to_rows_then_continue_after_max():
@@ -221,3 +240,140 @@ def test_pickle_round_trip_keeps_arrays_read_only(tmp_path):
     loaded = joblib.load(tmp_path / "m.joblib")
     _assert_same_state(_state(memory), _state(loaded))
     assert not loaded.image.embeddings.flags.writeable
+
+
+def _saved_arrays(tmp_path):
+    """A valid saved memory (with metadata) as a dict of its archive's arrays."""
+    rng = np.random.default_rng(0)
+    memory = Memory(rng.normal(size=(6, 4)), ["cat", "cat", "dog", "dog", "owl", "owl"],
+                    text_embeddings=rng.normal(size=(2, 4)), text_labels=["cat", "dog"],
+                    image_metadata={"source": [f"{i}.png" for i in range(6)]})
+    memory.save(tmp_path / "valid.npz")
+    with np.load(tmp_path / "valid.npz") as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _header(arrays):
+    return json.loads(arrays["header"].tobytes())
+
+
+def _with_header(arrays, header):
+    return {**arrays, "header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
+
+
+def _malformed(arrays):
+    """(name, writer) of malformed files; each writer writes the file at a path."""
+    a = arrays
+
+    def npz(**changes):
+        def write(path):
+            np.savez(path, **{k: v for k, v in {**a, **changes}.items() if v is not None})
+        return write
+
+    def raw(data):
+        return lambda path: path.write_bytes(data)
+
+    header = _header(a)
+    truncating = json.loads(json.dumps(header))
+    truncating["banks"]["image"]["labels_dtype"] = "<U2"
+    overflowing = {**a, "image_labels": np.arange(6) * 1000}
+    overflow_header = json.loads(json.dumps(header))
+    overflow_header["banks"]["image"]["labels_dtype"] = "|i1"
+    overflow_header["banks"]["text"]["labels_dtype"] = "|i1"
+    overflowing["text_labels"] = np.array([0, 1000])
+    emb = a["image_embeddings"]
+
+    def bomb(path):
+        np.savez_compressed(path, **a, padding=np.zeros(40_000_000, np.float32))
+
+    def objects(path):
+        np.savez(path, **{**a, "image_labels": np.array(["cat", 1] * 3, dtype=object)})
+
+    return {
+        "not an archive": raw(b"this is not a zip file at all"),
+        "empty file": raw(b""),
+        "truncated archive": lambda p: (npz()(p), p.write_bytes(p.read_bytes()[:300])),
+        "missing ids": npz(image_ids=None),
+        "missing header": npz(header=None),
+        "header not JSON": npz(header=np.frombuffer(b"{not json", np.uint8)),
+        "not a Memory": lambda p: _with_header_file(p, a, {"format": "other"}),
+        "future version": lambda p: _with_header_file(p, a, {**header, "version": 99}),
+        "labels shorter than embeddings": npz(image_labels=a["image_labels"][:4]),
+        "NaN embeddings": npz(image_embeddings=np.where(np.eye(6, 4, dtype=bool), np.nan,
+                                                        emb).astype(np.float32)),
+        "non-unit embeddings": npz(image_embeddings=emb * np.float32(2)),
+        "all-zero row": npz(image_embeddings=np.vstack([np.zeros((1, 4), np.float32),
+                                                         emb[1:]])),
+        "float64 embeddings": npz(image_embeddings=emb.astype(np.float64)),
+        "1-D embeddings": npz(image_embeddings=emb.ravel()),
+        "duplicate ids": npz(image_ids=np.array([0, 1, 2, 3, 4, 4])),
+        "negative ids": npz(image_ids=np.array([-1, 1, 2, 3, 4, 5])),
+        "ids shared by both banks": npz(text_ids=np.array([0, 7])),
+        "metadata of wrong length": lambda p: _metadata_rows(p, a, 5),
+        "labels_dtype truncates labels": lambda p: _with_header_file(p, a, truncating),
+        "labels_dtype overflows labels": lambda p: _with_header_file(p, overflowing,
+                                                                     overflow_header),
+        "dimension differs between banks": npz(text_embeddings=np.eye(2, 3, dtype=np.float32)),
+        "Python objects inside": objects,
+        "extra member": npz(extra=np.zeros(3)),
+        "compressed bomb": bomb,
+    }
+
+
+def _with_header_file(path, arrays, header):
+    np.savez(path, **_with_header(arrays, header))
+
+
+def _metadata_rows(path, arrays, n):
+    import io
+
+    buffer = io.BytesIO()
+    pd.DataFrame({"source": [f"{i}.png" for i in range(n)]}).to_parquet(buffer, index=False)
+    np.savez(path, **{**arrays, "image_metadata": np.frombuffer(buffer.getvalue(), np.uint8)})
+
+
+def test_every_malformed_file_is_a_value_error_naming_file_and_problem(tmp_path):
+    arrays = _saved_arrays(tmp_path)
+    assert Memory.load(tmp_path / "valid.npz").image.metadata["source"].tolist()[0] == "0.png"
+    cases = _malformed(arrays)
+    rejected = 0
+    for name, write in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.npz"
+        write(path)
+        with pytest.raises(ValueError, match="Cannot load a Memory from .*" + path.name) as info:
+            Memory.load(path)
+            pytest.fail(f"{name}: loaded without error")
+        assert len(str(info.value)) > len(f"Cannot load a Memory from {path}: "), name
+        rejected += 1
+    assert rejected == len(cases) == 24
+
+
+def test_the_bomb_is_refused_before_decompression_and_max_bytes_can_allow_it(tmp_path):
+    arrays = _saved_arrays(tmp_path)
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, **arrays)
+    Memory.load(path)  # a compressed genuine memory is well under the default limit
+    with pytest.raises(ValueError, match="declare more than max_bytes=1000 bytes"):
+        Memory.load(path, max_bytes=1000)
+
+
+def test_interrupted_or_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    import skmml.memory as memory_module
+
+    path = tmp_path / "memory.npz"
+    old = Memory(np.eye(3), [0, 1, 2])
+    old.save(path)
+    new = Memory(np.eye(4), [0, 1, 2, 3])
+    for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        def failing_savez(f, **arrays):
+            f.write(b"PK\x03\x04 partial")  # a partial write, then the failure
+            raise error
+
+        monkeypatch.setattr(memory_module.np, "savez", failing_savez)
+        with pytest.raises(type(error)):
+            new.save(path)
+        monkeypatch.undo()
+        assert len(Memory.load(path).image) == 3
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.npz"]
+    new.save(path)
+    assert len(Memory.load(path).image) == 4
