@@ -84,7 +84,7 @@ def build_memory(images=None, texts=None, *, image_encoder=None, text_encoder=No
     >>> from sklearn.preprocessing import FunctionTransformer
     >>> from skmml import build_memory
     >>> flatten = FunctionTransformer(lambda images: np.reshape(images, (len(images), -1)))
-    >>> grey = np.zeros((2, 5, 5), dtype=np.uint8)
+    >>> grey = np.full((2, 5, 5), 20, dtype=np.uint8)
     >>> memory = build_memory({"dark": grey, "light": grey + 200}, image_encoder=flatten)
     >>> memory
     Memory(n_images=4, n_texts=0, n_features=25, n_classes=2)

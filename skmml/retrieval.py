@@ -66,6 +66,88 @@ def drop_self(sims, rows, is_self):
     return sims[~is_self].reshape(n, k - 1), rows[~is_self].reshape(n, k - 1)
 
 
+def score_error(dim):
+    """Bound on the error of a float32 inner product of two unit vectors of `dim`.
+
+    Any summation order, with or without fused multiply-adds, computes
+    ``sum(a_i b_i)`` within ``dim * u * sum(|a_i b_i|)`` (u = 2^-24), and
+    ``sum(|a_i b_i|) <= |a| |b| ~= 1``; one more ``u`` covers the rounding of
+    the stored result, and 1% covers norms a few ulps above one.
+    """
+    return 1.01 * (dim + 1) * 2.0**-24
+
+
+def canonical_neighbours(queries, bank, sims, rows, k, exact):
+    """The `k` nearest of each query in the project's one order, whatever the search path.
+
+    Neighbours come in decreasing similarity, and equal similarities go to
+    the lower memory id. Search paths (BLAS for a few queries, FAISS for
+    many, one thread or several) compute similarities that differ in their
+    last bits, so they may order near-equal items differently. Here, a query
+    whose retrieved similarities (``k`` plus a margin, sorted) include two
+    within ``4 eps`` of each other (:func:`score_error`) has those candidates
+    re-scored by one fixed kernel and is sorted by (-score, id); other
+    candidates, and other queries, are already in the same order on every
+    path (their gaps exceed what two paths' errors can invert). For an `exact` index, a re-scored query whose k-th
+    score is not above the last candidate's bound (``sims[:, -1] + 2 eps``,
+    e.g. many duplicates) is settled by a full scan of the memory.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n, d), float32, unit rows
+    bank : MemoryBank
+    sims, rows : ndarrays of shape (n, k + margin)
+        A search path's result, nearest first (rows -1 where missing).
+    k : int
+    exact : bool
+        Whether the search path was exhaustive (then the result is certified).
+
+    Returns
+    -------
+    sims, rows : ndarrays of shape (n, k)
+    """
+    eps = score_error(queries.shape[1])
+    out_sims, out_rows = sims[:, :k].copy(), rows[:, :k].copy()
+    if rows.shape[1] < 2:
+        return out_sims, out_rows
+    found = rows >= 0
+    close = (sims[:, :-1] - sims[:, 1:] <= 4 * eps) & found[:, 1:]
+    todo = np.flatnonzero(close.any(axis=1))
+    if not todo.size:
+        return out_sims, out_rows
+    # Re-score only the candidates in a near-tie; the others are more than
+    # 4 eps from both neighbours, so no path's rounding can move them.
+    involved = np.zeros((todo.size, rows.shape[1]), dtype=bool)
+    involved[:, :-1] |= close[todo]
+    involved[:, 1:] |= close[todo]
+    scores, cand = sims[todo].copy(), rows[todo]
+    q, j = np.nonzero(involved)
+    scores[q, j] = np.einsum("md,md->m", queries[todo[q]], bank.embeddings[cand[q, j]])
+    top_scores, top_rows = _ordered(scores, cand, bank, k)
+    out_sims[todo], out_rows[todo] = top_scores, top_rows
+    if exact and rows.shape[1] > k:
+        # Certificate: every item outside the candidates scores below the k-th.
+        unsure = todo[~(sims[todo, -1] + 2 * eps < top_scores[:, k - 1])]
+        for i in unsure:
+            candidates = np.flatnonzero(bank.embeddings @ queries[i]
+                                        >= out_sims[i, k - 1] - 4 * eps)
+            scores = np.einsum("d,nd->n", queries[i], bank.embeddings[candidates])
+            best_scores, best_rows = _ordered(scores[None, :], candidates[None, :], bank, k)
+            out_sims[i], out_rows[i] = best_scores[0], best_rows[0]
+    return out_sims, out_rows
+
+
+def _ordered(scores, rows, bank, k):
+    """The best `k` of each row by (-score, id); missing rows (-1) last."""
+    found = rows >= 0
+    scores = np.where(found, scores, -np.inf).astype(np.float32)
+    ids = np.where(found, bank.ids[np.maximum(rows, 0)], np.iinfo(np.int64).max)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return (np.take_along_axis(scores, order, axis=1),
+            np.where(np.take_along_axis(found, order, axis=1),
+                     np.take_along_axis(rows, order, axis=1), -1))
+
+
 def _top_k_small_batch(queries, embeddings, k):
     """Exact top-k inner products of a few queries; same output as faiss.knn."""
     sims = queries @ embeddings.T
@@ -208,8 +290,11 @@ class NeighborIndex:
 
         `queries` are L2-normalised float32 rows. `rows` index the bank's
         arrays; an approximate index that finds fewer than `k` items pads
-        with row -1 and similarity -inf. With `verbose`, large query sets are
-        searched in blocks under a progress bar.
+        with row -1 and similarity -inf. Neighbours come nearest first, and
+        equal similarities go to the lower memory id, on every search path
+        and for every batch size (:func:`canonical_neighbours`). With
+        `verbose`, large query sets are searched in blocks under a progress
+        bar.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = queries.shape[0]
@@ -223,6 +308,12 @@ class NeighborIndex:
         return self._search(queries, k)
 
     def _search(self, queries, k):
+        margin = min(len(self.bank_) - k, max(4, k // 4))
+        sims, rows = self._raw_search(queries, k + max(margin, 0))
+        return canonical_neighbours(queries, self.bank_, sims, rows, k,
+                                    exact=self.index == "flat")
+
+    def _raw_search(self, queries, k):
         if self.faiss_index_ is None:
             if queries.shape[0] < SMALL_BATCH:
                 return _top_k_small_batch(queries, self.bank_.embeddings, k)

@@ -24,6 +24,9 @@ VOTING_SCHEMES = ("rank", "softmax", "distance", "plurality")
 
 # Queries per block in staged_winners: bounds its (block, k, k) work arrays.
 _CHUNK_ELEMENTS = 2**22
+#: Above this many neighbours, staged_winners sums votes position by position
+#: (O(k) memory per query) instead of through a (k, k) same-class mask.
+_PAIRWISE_MAX_K = 128
 
 
 def vote_weights(similarities, ranks, voting, *, rank_offset=2.0, temperature=0.07,
@@ -105,16 +108,30 @@ def staged_winners(codes, weights, contributes):
         no neighbour in the prefix contributes.
     """
     n, k = codes.shape
-    chunk = max(1, _CHUNK_ELEMENTS // (k * k))
+    if k > _PAIRWISE_MAX_K:
+        per_query = k + int(codes.max(initial=0)) + 1
+    else:
+        per_query = k * k
+    chunk = max(1, _CHUNK_ELEMENTS // per_query)
     if n > chunk:
         return np.concatenate([
             staged_winners(codes[i:i + chunk], weights[i:i + chunk], contributes[i:i + chunk])
             for i in range(0, n, chunk)
         ])
-    same = codes[:, :, None] == codes[:, None, :]
-    same &= np.tril(np.ones((k, k), dtype=bool))
-    # cumulative[q, j]: vote of neighbour j's class over neighbours 0..j.
-    cumulative = np.matmul(same.astype(np.float64), weights[:, :, None])[:, :, 0]
+    # cumulative[q, j]: vote of neighbour j's class over neighbours 0..j, each
+    # class's votes summed in neighbour order (so equal votes compare equal).
+    if k > _PAIRWISE_MAX_K:
+        # O(k + n_classes) work memory per query: one pass over the positions.
+        votes = np.zeros((n, int(codes.max(initial=0)) + 1))
+        cumulative = np.empty((n, k))
+        rows = np.arange(n)
+        for j in range(k):
+            votes[rows, codes[:, j]] += weights[:, j]
+            cumulative[:, j] = votes[rows, codes[:, j]]
+    else:
+        same = codes[:, :, None] == codes[:, None, :]
+        same &= np.tril(np.ones((k, k), dtype=bool))
+        cumulative = np.matmul(same.astype(np.float64), weights[:, :, None])[:, :, 0]
     cumulative[~contributes] = -np.inf
     running = np.maximum.accumulate(cumulative, axis=1)
     before = np.concatenate([np.full((n, 1), -np.inf), running[:, :-1]], axis=1)

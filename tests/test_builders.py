@@ -85,7 +85,7 @@ def test_from_folder_with_clip(image_folder, tiny_clip, tmp_path):
 
 
 def test_a_single_image_per_class_is_one_item():
-    rgb = np.zeros((6, 5, 3), dtype=np.uint8)
+    rgb = np.ones((6, 5, 3), dtype=np.uint8)  # not all-zero: a memory refuses those
     memory = build_memory({"a": rgb, "b": rgb + 9, "c": [rgb, rgb]},
                           image_encoder=IMAGE)
     assert memory.counts()["image"].tolist() == [1, 1, 2]

@@ -139,3 +139,62 @@ def test_verbose_search_shows_progress_and_gives_the_same_result(bank, monkeypat
     assert "searching" in capsys.readouterr().err
     for a, b in zip(quiet, loud):
         np.testing.assert_array_equal(a, b)
+
+
+def _canonical_reference(queries, embeddings, ids, k):
+    """Definition: float32 scores of one fixed kernel, sorted by (-score, id)."""
+    scores = np.einsum("qd,nd->qn", queries, embeddings).astype(np.float32)
+    order = np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :k]
+    return ids[order]
+
+
+@pytest.mark.parametrize("k", [1, 7, 40, 300])
+def test_ties_go_to_the_lower_id_on_every_path_and_batch_size(k):
+    rng = np.random.default_rng(0)
+    d = 64
+    base = rng.normal(size=(30, d))
+    # 300 items: each of 30 directions 10 times (exact duplicates), ids shuffled,
+    # plus near-duplicates a few ulps apart.
+    X = np.repeat(base, 10, axis=0)
+    X[::7] += 1e-7 * rng.normal(size=X[::7].shape)
+    ids = rng.permutation(10_000)[:300]
+    memory = Memory(X, np.repeat(np.arange(30), 10), image_ids=ids)
+    bank = memory.image
+    queries = np.ascontiguousarray(bank.embeddings[rng.integers(0, 300, 64)])
+    index = NeighborIndex("flat", device="cpu").build(bank)
+    expected = _canonical_reference(queries, bank.embeddings, bank.ids, k)
+    for batch in (1, 5, 19, 20, 64):
+        got = np.concatenate([index.search(queries[i:i + batch], k)[1]
+                              for i in range(0, 64, batch)])
+        np.testing.assert_array_equal(bank.ids[got], expected, err_msg=f"batch {batch}")
+
+
+def test_more_duplicates_than_the_margin_are_settled_by_a_full_scan():
+    rng = np.random.default_rng(1)
+    d = 32
+    v = rng.normal(size=d)
+    X = np.vstack([np.tile(v, (500, 1)), rng.normal(size=(2000, d))])
+    ids = rng.permutation(2500) + 1000
+    bank = Memory(X, np.zeros(2500, int), image_ids=ids).image
+    index = NeighborIndex("flat", device="cpu").build(bank)
+    query = np.ascontiguousarray(bank.embeddings[:1])
+    for k in (10, 64, 1024):
+        _, rows = index.search(np.repeat(query, 25, axis=0), k)  # the FAISS path
+        expected = _canonical_reference(query, bank.embeddings, bank.ids, k)[0]
+        assert np.all(bank.ids[rows] == expected)
+        assert np.all(np.diff(bank.ids[rows[0, :min(k, 500)]]) > 0)  # the copies, by id
+        np.testing.assert_array_equal(index.search(query, k)[1][0], rows[0])  # BLAS path
+
+
+def test_a_query_alone_and_in_a_batch_gets_the_same_prediction():
+    from skmml import KNNVoteClassifier
+
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(5, 16))
+    X = np.repeat(centres, 4, axis=0)  # every item has 3 exact duplicates ...
+    y = np.arange(20) % 5               # ... of other classes: all votes are ties
+    clf = KNNVoteClassifier(n_neighbors=4, voting="plurality").fit(X, y)
+    Q = np.repeat(centres, 10, axis=0)
+    batched = clf.predict(Q)
+    alone = np.concatenate([clf.predict(Q[i:i + 1]) for i in range(len(Q))])
+    np.testing.assert_array_equal(alone, batched)

@@ -90,3 +90,33 @@ def test_staged_winners_chunking_gives_the_same_result(monkeypatch):
     full = staged_winners(codes, w, np.ones((50, 8), bool))
     monkeypatch.setattr(voting, "_CHUNK_ELEMENTS", 64 * 7)
     np.testing.assert_array_equal(staged_winners(codes, w, np.ones((50, 8), bool)), full)
+
+
+@pytest.mark.parametrize("voting", ["rank", "plurality"])
+def test_large_k_sums_position_by_position_with_the_same_winners(monkeypatch, voting):
+    import skmml.voting as voting_module
+
+    rng = np.random.default_rng(2)
+    n, k = 40, 30
+    codes = rng.integers(0, 5, size=(n, k))
+    w = vote_weights(np.zeros((n, k)), np.tile(np.arange(k), (n, 1)), voting)
+    contributes = rng.uniform(size=(n, k)) > 0.1
+    pairwise = staged_winners(codes, w, contributes)
+    monkeypatch.setattr(voting_module, "_PAIRWISE_MAX_K", 8)
+    np.testing.assert_array_equal(staged_winners(codes, w, contributes), pairwise)
+
+
+def test_staged_winners_work_memory_is_linear_in_k():
+    import tracemalloc
+
+    k = 16_000  # the (k, k) mask would need 2.2 GB per query
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 100, size=(2, k))
+    w = vote_weights(np.zeros((2, k)), np.tile(np.arange(k), (2, 1)), "rank")
+    tracemalloc.start()
+    winners = staged_winners(codes, w, np.ones((2, k), bool))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 * 2**20
+    for j in (0, 99, k - 1):
+        assert codes[0, winners[0, j]] == _reference_winner(codes[0, : j + 1], w[0, : j + 1])
