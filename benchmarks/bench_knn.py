@@ -233,7 +233,7 @@ def _fit(method, X, y):
     """Fit `method` on the memory; return its predict (or search) function."""
     if method == "skmml":
         clf = KNNVoteClassifier(
-            n_neighbors=K, voting="rank", index="flat", device="cpu"
+            n_neighbors=K, voting="rank", index="flat", index_device="cpu"
         )
         return clf.fit(X, y).predict
     if method == "sklearn":
@@ -340,7 +340,7 @@ def bench_ann(cache_dir, n, n_queries, repeats):
     rows = []
     exact_ids = None
     for index, param, values in [("flat", None, (None,)), *_sweeps(n)]:
-        clf = KNNVoteClassifier(n_neighbors=K, voting="rank", index=index, device="cpu")
+        clf = KNNVoteClassifier(n_neighbors=K, voting="rank", index=index, index_device="cpu")
         fit_s, _ = _timed(clf.fit, X, y)
         for value in values:
             if param is not None:

@@ -47,7 +47,7 @@ def best_of(repeats, fn):
 def read_cost(rng, repeats):
     X, y = clustered(100_000, rng)
     Q, _ = clustered(1000, rng)
-    clf = KNNVoteClassifier(n_neighbors=K, device="cpu").set_memory(Memory(X, y))
+    clf = KNNVoteClassifier(n_neighbors=K, index_device="cpu").set_memory(Memory(X, y))
     clf.predict(Q)
     batched = best_of(repeats, lambda: clf.predict(Q))
     single = best_of(repeats, lambda: [clf.predict(Q[i:i + 1]) for i in range(50)]) / 50
@@ -58,7 +58,7 @@ def read_cost(rng, repeats):
 
 def update_cost(n, index, rng, repeats):
     X, y = clustered(n, rng)
-    clf = KNNVoteClassifier(n_neighbors=K, index=index, device="cpu").set_memory(Memory(X, y))
+    clf = KNNVoteClassifier(n_neighbors=K, index=index, index_device="cpu").set_memory(Memory(X, y))
     new, _ = clustered(1, rng)
     embedding_bytes = X.nbytes
 

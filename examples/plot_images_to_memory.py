@@ -40,7 +40,8 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 digits = load_digits()
 pixels = (255 - digits.images * (255 / 16)).astype(np.uint8)
 rng = np.random.default_rng(0)
-root = Path(tempfile.mkdtemp(prefix="skmml_digits_"))
+folder = tempfile.TemporaryDirectory(prefix="skmml_digits_")  # removed at the end
+root = Path(folder.name)
 queries, query_labels = [], []
 for digit, name in enumerate(NAMES):
     rows = rng.permutation(np.flatnonzero(digits.target == digit))[:30]
@@ -108,3 +109,4 @@ for ax in axes:
 fig.suptitle("A decision explained by the memory images that voted")
 fig.tight_layout()
 plt.show()
+folder.cleanup()

@@ -15,8 +15,10 @@ configuration.
 import hashlib
 import os
 import pickle
+import socket
 import tempfile
 import threading
+import urllib.parse
 from numbers import Integral
 from pathlib import Path
 
@@ -64,6 +66,32 @@ def _is_local(pretrained):
     return pretrained is not None and os.path.exists(os.path.expanduser(str(pretrained)))
 
 
+def _check_hub_answers(what, timeout=3.0):
+    """Raise at once, with guidance, when the Hugging Face Hub does not answer.
+
+    Without this check an unreachable hub costs about a minute of download
+    retries before the same error. With ``HF_HUB_OFFLINE=1`` nothing is
+    probed: weights then come from the local Hugging Face cache only.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm and open_clip depend on it
+        return
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise OSError(
+            f"Could not get the pretrained weights of {what}: the Hugging Face Hub at "
+            f"{constants.ENDPOINT} does not answer ({error}). Without network access, pass "
+            "a local checkpoint file as `pretrained`, or set HF_HUB_OFFLINE=1 to use "
+            "weights already in your Hugging Face cache (HF_HOME)."
+        ) from None
+
+
 def _load_clip(model_name, pretrained, device, precision):
     """(model, preprocess, tokenizer) of an open_clip model, with errors that say what to do."""
     open_clip = _require("open_clip", "clip")
@@ -78,6 +106,8 @@ def _load_clip(model_name, pretrained, device, precision):
             f"Unknown open_clip model {name!r}: open_clip.list_models() lists the known "
             "ones, and open_clip.add_model_config() registers a custom one."
         )
+    if remote:
+        _check_hub_answers(f"{model_name!r} from {source!r}")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, precision=precision
@@ -298,6 +328,26 @@ class _Encoder(TransformerMixin, BaseEstimator):
         tags.non_deterministic = self.device != "cpu"
         return tags
 
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output features, one per embedding dimension.
+
+        ``"<class name in lower case><i>"``, as scikit-learn's encoders that
+        make new features name them; this loads the model to learn its
+        embedding width. With it, ``set_output(transform="pandas")`` and
+        feature-name propagation in a Pipeline work as in scikit-learn.
+
+        Parameters
+        ----------
+        input_features : ignored
+            The inputs are images or texts, not named columns.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        prefix = type(self).__name__.lower()
+        return np.asarray([f"{prefix}{i}" for i in range(self._output_width())], dtype=object)
+
     def _model_key(self):
         """What identifies the model: kind, architecture, weights and precision."""
         return (self._kind, self.model_name, _weights_id(self.pretrained), self.precision)
@@ -408,6 +458,9 @@ class _CLIPModel:
         return device, _shared(self._model_key() + (device,), lambda: _load_clip(
             self.model_name, self.pretrained, device, self.precision))
 
+    def _output_width(self):
+        return int(self._clip()[1][0].visual.output_dim)
+
 
 class CLIPImageEncoder(_CLIPModel, _ImageEncoder):
     """Embed images with an open_clip CLIP model's image tower.
@@ -458,9 +511,11 @@ class CLIPImageEncoder(_CLIPModel, _ImageEncoder):
     ...                          "head_width": 16, "patch_size": 16},
     ...           "text_cfg": {"context_length": 77, "vocab_size": 49408,
     ...                        "width": 32, "heads": 2, "layers": 1}}
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny-clip.json"
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = pathlib.Path(folder.name) / "tiny-clip.json"
     >>> _ = path.write_text(json.dumps(config))
     >>> open_clip.add_model_config(path)
+    >>> folder.cleanup()
     >>> encoder = CLIPImageEncoder("tiny-clip", pretrained=None, device="cpu")
     >>> images = np.random.default_rng(0).integers(0, 256, (2, 40, 30, 3), dtype=np.uint8)
     >>> encoder.transform(images).shape
@@ -525,9 +580,11 @@ class CLIPTextEncoder(_CLIPModel, _Encoder):
     ...                          "head_width": 16, "patch_size": 16},
     ...           "text_cfg": {"context_length": 77, "vocab_size": 49408,
     ...                        "width": 32, "heads": 2, "layers": 1}}
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny-clip.json"
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = pathlib.Path(folder.name) / "tiny-clip.json"
     >>> _ = path.write_text(json.dumps(config))
     >>> open_clip.add_model_config(path)
+    >>> folder.cleanup()
     >>> encoder = CLIPTextEncoder("tiny-clip", pretrained=None, device="cpu")
     >>> encoder.transform(["a photo of a cat.", "a photo of a dog."]).shape
     (2, 16)
@@ -655,6 +712,8 @@ def _load_timm(model_name, pretrained, device, precision):
             pretrained=True):
         raise ValueError(f"Unknown timm model {model_name!r}: timm.list_models() lists them.")
     if isinstance(pretrained, bool):
+        if pretrained:
+            _check_hub_answers(f"timm's {model_name!r}")
         try:
             model = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
         except Exception as error:  # noqa: BLE001 - re-raised with guidance
@@ -730,6 +789,10 @@ class TimmImageEncoder(_ImageEncoder):
         self.num_workers = num_workers
         self.cache = cache
         self.verbose = verbose
+
+    def _output_width(self):
+        model = self._image_model()[0]
+        return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
     def _image_model(self):
         device = resolve_device(self.device)

@@ -49,7 +49,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         :func:`faiss.index_factory` string. See :class:`~skmml.retrieval.NeighborIndex`.
     index_params : dict, default=None
         FAISS search parameters, e.g. ``{"nprobe": 32}`` or ``{"efSearch": 256}``.
-    device : {"auto", "cpu", "cuda"}, default="auto"
+    index_device : {"auto", "cpu", "cuda"}, default="auto"
         Where the index lives; "auto" uses a GPU when FAISS has GPU support
         and one is present.
     verbose : int, default=0
@@ -127,7 +127,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         "distance_exponent": [Interval(Real, 0, None, closed="left")],
         "index": [str],
         "index_params": [dict, None],
-        "device": [StrOptions({"auto", "cpu", "cuda"})],
+        "index_device": [StrOptions({"auto", "cpu", "cuda"})],
         "verbose": ["verbose"],
         "memory": [Memory, None],
     }
@@ -142,7 +142,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         distance_exponent=1.0,
         index="flat",
         index_params=None,
-        device="auto",
+        index_device="auto",
         verbose=0,
         memory=None,
     ):
@@ -153,7 +153,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         self.distance_exponent = distance_exponent
         self.index = index
         self.index_params = index_params
-        self.device = device
+        self.index_device = index_device
         self.verbose = verbose
         self.memory = memory
 
@@ -292,7 +292,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _new_index(self):
-        return NeighborIndex(self.index, self.index_params, self.device)
+        return NeighborIndex(self.index, self.index_params, self.index_device)
 
     def _adopt(self, memory, index, pruning, n_features=None):
         """Make `memory` (indexed by `index`) the estimator's memory, in one step.

@@ -208,7 +208,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Fewest held-out classes for validation-class model selection.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation, shuffling and the class split.
-    device : {"auto", "cpu", "cuda"}, default="auto"
+    heads_device : {"auto", "cpu", "cuda"}, default="auto"
         Where the heads run; "auto" picks CUDA when torch sees a GPU.
     index : str, default="flat"
         Search index of each memory; see :class:`~skmml.NeighborIndex`.
@@ -286,7 +286,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
         "min_validation_classes": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
-        "device": [StrOptions({"auto", "cpu", "cuda"})],
+        "heads_device": [StrOptions({"auto", "cpu", "cuda"})],
         "index": [str],
         "index_params": [dict, None],
         "index_device": [StrOptions({"auto", "cpu", "cuda"})],
@@ -314,7 +314,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         validation_fraction=0.2,
         min_validation_classes=2,
         random_state=None,
-        device="auto",
+        heads_device="auto",
         index="flat",
         index_params=None,
         index_device="auto",
@@ -338,7 +338,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.min_validation_classes = min_validation_classes
         self.random_state = random_state
-        self.device = device
+        self.heads_device = heads_device
         self.index = index
         self.index_params = index_params
         self.index_device = index_device
@@ -427,7 +427,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         _check_known(y, memory)
         branches = self._resolve_branches(memory)
         self._check_k(memory, branches, exclude_self=supervised)
-        device = _torch_device(self.device)
+        device = _torch_device(self.heads_device)
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
         heads = _new_heads(branches, memory.n_features, self.residual_init, seed, device)
@@ -878,7 +878,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         heads = state.get("heads_")
         if heads is not None:
             # A model trained on a GPU loads on a CPU-only machine, and vice versa.
-            device = _torch_device("cpu" if state["device"] == "cpu" else "auto")
+            device = _torch_device("cpu" if state["heads_device"] == "cpu" else "auto")
             fresh = _new_heads(tuple(heads), state["n_features_in_"], state["residual_init"],
                                state["_head_seed"], "cpu")
             state["heads_"] = {}

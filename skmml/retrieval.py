@@ -11,8 +11,10 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-#: Queries per block when a search shows a progress bar.
+#: Most queries per block when a search shows a progress bar.
 SEARCH_BLOCK = 16384
+#: Fewest queries per block then (smaller blocks would slow FAISS down).
+VERBOSE_MIN_BLOCK = 64
 
 #: Below this many queries, exact search is one multi-threaded BLAS product
 #: plus a partial sort: FAISS scans with one thread per query there, which
@@ -293,17 +295,21 @@ class NeighborIndex:
         with row -1 and similarity -inf. Neighbours come nearest first, and
         equal similarities go to the lower memory id, on every search path
         and for every batch size (:func:`canonical_neighbours`). With
-        `verbose`, large query sets are searched in blocks under a progress
-        bar.
+        `verbose`, 128 queries or more are searched in about 20 blocks under
+        a progress bar (e.g. pruning's leave-one-out search).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = queries.shape[0]
-        if verbose and n > SEARCH_BLOCK:
+        if verbose and n >= 2 * VERBOSE_MIN_BLOCK:
+            # About 20 updates, in blocks large enough to keep FAISS efficient.
+            size = min(SEARCH_BLOCK, max(VERBOSE_MIN_BLOCK, -(-n // 20)))
             sims = np.empty((n, k), dtype=np.float32)
             rows = np.empty((n, k), dtype=np.int64)
-            for start in tqdm(range(0, n, SEARCH_BLOCK), desc="searching", unit="block"):
-                block = slice(start, start + SEARCH_BLOCK)
-                sims[block], rows[block] = self._search(queries[block], k)
+            with tqdm(total=n, desc="searching", unit="query") as bar:
+                for start in range(0, n, size):
+                    block = slice(start, start + size)
+                    sims[block], rows[block] = self._search(queries[block], k)
+                    bar.update(len(queries[block]))
             return sims, rows
         return self._search(queries, k)
 

@@ -317,3 +317,49 @@ def test_cache_recomputes_every_kind_of_corrupt_entry(tiny_clip, files, tmp_path
 
 def _unit_ones(n):
     return np.full(n, 1 / np.sqrt(n), dtype=np.float32)
+
+
+def test_feature_names_and_pandas_output_in_a_pipeline(tiny_clip, files):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from skmml import CLIPTextEncoder, KNNVoteClassifier, TimmImageEncoder
+
+    name, checkpoint = tiny_clip
+    encoder = CLIPImageEncoder(name, pretrained=checkpoint, device="cpu")
+    names = encoder.get_feature_names_out()
+    assert names.tolist() == [f"clipimageencoder{i}" for i in range(16)]
+    frame = encoder.set_output(transform="pandas").transform(files[:3])
+    assert list(frame.columns) == names.tolist() and frame.shape == (3, 16)
+    text = CLIPTextEncoder(name, pretrained=checkpoint, device="cpu")
+    assert text.get_feature_names_out()[-1] == "cliptextencoder15"
+    timm = TimmImageEncoder("resnet18", pretrained=False, device="cpu")
+    assert len(timm.get_feature_names_out()) == timm.transform(np.zeros((1, 32, 32),
+                                                                         np.uint8)).shape[1]
+    # Feature names flow through a Pipeline into the classifier.
+    labels = [0, 0, 1, 1, 2, 2][:len(files)]
+    pipe = make_pipeline(CLIPImageEncoder(name, pretrained=checkpoint, device="cpu"),
+                         FunctionTransformer(lambda X: X, feature_names_out="one-to-one"),
+                         KNNVoteClassifier(n_neighbors=1))
+    pipe.set_output(transform="pandas").fit(files[:len(labels)], labels)
+    assert pipe[-1].feature_names_in_.tolist() == names.tolist()
+    assert pipe[:-1].get_feature_names_out().tolist() == names.tolist()
+    np.testing.assert_array_equal(pipe.predict(files[:len(labels)]), labels)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("skmml").TimmImageEncoder(device="cpu"),
+    lambda: CLIPImageEncoder(device="cpu"),
+])
+def test_an_unreachable_hub_fails_within_seconds_with_guidance(make, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    # A closed port on this machine stands for a hub that does not answer.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="does not answer .*HF_HUB_OFFLINE=1"):
+        make().transform(np.zeros((1, 32, 32), np.uint8))
+    assert time.perf_counter() - start < 10

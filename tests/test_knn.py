@@ -165,7 +165,7 @@ def test_partial_fit_from_scratch_and_with_declared_classes(digits):
 def test_partial_fit_matches_fit_for_every_index(digits, index):
     X, y, X_test, _ = digits
     params = {"nprobe": 1000} if index == "ivf" else None
-    grown = KNNVoteClassifier(index=index, index_params=params, device="cpu")
+    grown = KNNVoteClassifier(index=index, index_params=params, index_device="cpu")
     grown.fit(X[:1000], y[:1000]).partial_fit(X[1000:], y[1000:])
     _, ids = grown.kneighbors(X_test)
     assert ids.max() >= 1000  # the added items are found, under their new ids
@@ -201,7 +201,7 @@ def test_forget_is_exact_unlearning(digits, pruning):
 @pytest.mark.parametrize("index", ["ivf", "hnsw", "Flat"])
 def test_forgotten_items_never_vote_with_approximate_indexes(digits, index):
     X, y, X_test, _ = digits
-    clf = KNNVoteClassifier(index=index, device="cpu").fit(X, y)
+    clf = KNNVoteClassifier(index=index, index_device="cpu").fit(X, y)
     voters = np.unique(clf.kneighbors(X_test, return_distance=False))
     clf.forget(voters[:200])
     assert not np.isin(clf.kneighbors(X_test, return_distance=False), voters[:200]).any()
@@ -396,7 +396,7 @@ def test_failed_partial_fit_leaves_the_classifier_unchanged(digits):
 @pytest.mark.parametrize("index", ["flat", "Flat", "ivf", "ivfsq8", "ivfpq", "hnsw"])
 def test_joblib_round_trip_gives_identical_predictions(digits, index, tmp_path):
     X, y, X_test, _ = digits
-    clf = KNNVoteClassifier(index=index, device="cpu").fit(X, y).prune("soft")
+    clf = KNNVoteClassifier(index=index, index_device="cpu").fit(X, y).prune("soft")
     joblib.dump(clf, tmp_path / "clf.joblib")
     loaded = joblib.load(tmp_path / "clf.joblib")
     np.testing.assert_array_equal(loaded.predict_proba(X_test), clf.predict_proba(X_test))
@@ -466,3 +466,16 @@ def test_reassign_ids_only_with_expand():
     clf = KNNVoteClassifier(n_neighbors=3).fit(rng.normal(size=(20, 4)), np.arange(20) % 2)
     with pytest.raises(ValueError, match="mode='expand' only"):
         clf.set_memory(clf.memory_, reassign_ids=True)
+
+
+def test_verbose_shows_progress_for_pruning_and_predicting_a_small_data_set(digits, capsys):
+    X, y, _, _ = digits  # 1,400 items: progress is shown for small inputs too
+    clf = KNNVoteClassifier(n_neighbors=5, verbose=1).fit(X, y)
+    capsys.readouterr()
+    clf.prune("soft")
+    assert "searching" in capsys.readouterr().err
+    quiet = clf.set_params(verbose=0).predict(X)
+    assert "searching" not in capsys.readouterr().err
+    loud = clf.set_params(verbose=1).predict(X)
+    assert "searching" in capsys.readouterr().err
+    np.testing.assert_array_equal(loud, quiet)

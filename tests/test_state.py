@@ -123,7 +123,7 @@ KNN_MUTATIONS = {
 @pytest.mark.parametrize("name", list(KNN_MUTATIONS))
 def test_knn_mutations_are_all_or_nothing(data, index, name):
     X, y, extra, probe = data
-    base = KNNVoteClassifier(n_neighbors=5, index=index, device="cpu").fit(X, y).prune("soft")
+    base = KNNVoteClassifier(n_neighbors=5, index=index, index_device="cpu").fit(X, y).prune("soft")
     mutation = KNN_MUTATIONS[name]
     outcomes = _check_all_or_nothing(base, lambda c: mutation(c, extra), _knn_fingerprint,
                                       probe, n_points=25)
@@ -144,7 +144,7 @@ MML_MUTATIONS = {
 def test_mml_mutations_with_trained_heads_are_all_or_nothing(data, name):
     X, y, _, probe = data
     base = MemoryModularClassifier(n_neighbors=5, max_epochs=1, validation_fraction=None,
-                                   batch_size=64, random_state=0, device="cpu").fit(X, y)
+                                   batch_size=64, random_state=0, heads_device="cpu").fit(X, y)
     assert not any(base._state.identity.values())
     mutation = MML_MUTATIONS[name]
     outcomes = _check_all_or_nothing(base, lambda c: mutation(c, X, y), _mml_fingerprint,
@@ -231,11 +231,11 @@ CONCURRENCY_SCRIPT = textwrap.dedent("""
     seconds = float(sys.argv[1])
     failures = 0
     for index in ("flat", "ivf", "hnsw", "IVF16,PQ8x4"):
-        clf = KNNVoteClassifier(n_neighbors=8, index=index, device="cpu").set_memory(anchor)
+        clf = KNNVoteClassifier(n_neighbors=8, index=index, index_device="cpu").set_memory(anchor)
         failures += run(f"KNNVoteClassifier({index})", clf, knn_read, knn_write, seconds)
 
     mml = MemoryModularClassifier(n_neighbors=8, max_epochs=1, validation_fraction=None,
-                                  random_state=0, device="cpu", memory=anchor).fit(X[:600], y[:600])
+                                  random_state=0, heads_device="cpu", memory=anchor).fit(X[:600], y[:600])
     other = Memory(X[:1500], y[:1500])
 
     def mml_write(clf, step):
