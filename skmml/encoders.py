@@ -77,7 +77,8 @@ def _check_hub_answers(what, timeout=3.0):
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - timm and open_clip depend on it
         return
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {
+            "1", "ON", "YES", "TRUE"}:
         return
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
