@@ -1,6 +1,7 @@
 """skmml: memory-modular, retrieval-augmented classification for scikit-learn."""
 
 from .builders import build_memory
+from .display import ExplanationDisplay
 from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder
 from .knn import KNNVoteClassifier
 from .memory import Memory, MemoryBank
@@ -13,6 +14,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "CLIPImageEncoder",
     "CLIPTextEncoder",
+    "ExplanationDisplay",
     "KNNVoteClassifier",
     "Memory",
     "MemoryBank",
