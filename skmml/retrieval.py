@@ -113,7 +113,8 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     if rows.shape[1] < 2:
         return out_sims, out_rows
     found = rows >= 0
-    close = (sims[:, :-1] - sims[:, 1:] <= 4 * eps) & found[:, 1:]
+    with np.errstate(invalid="ignore"):  # -inf - -inf between missing neighbours
+        close = (sims[:, :-1] - sims[:, 1:] <= 4 * eps) & found[:, 1:]
     todo = np.flatnonzero(close.any(axis=1))
     if not todo.size:
         return out_sims, out_rows
