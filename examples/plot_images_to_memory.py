@@ -27,7 +27,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.pipeline import make_pipeline
 
-from skmml import KNNVoteClassifier, Memory, TimmImageEncoder
+from skmml import ExplanationDisplay, KNNVoteClassifier, Memory, TimmImageEncoder
 
 # %%
 # Images on disk
@@ -90,23 +90,15 @@ print(f"Accuracy on {len(queries)} new images: {accuracy:.3f}")
 # ------------------
 # :meth:`~skmml.KNNVoteClassifier.explain` lists the neighbours of a query
 # with their similarity, their vote and their metadata, here the file each
-# came from. The figure shows the query and its ten neighbours.
+# came from. :class:`~skmml.ExplanationDisplay` draws the query and its ten
+# neighbours, reading each image from the ``source`` column.
 
 query = int(np.flatnonzero(predicted != np.array(query_labels))[0]) if accuracy < 1 else 0
 table = knn.explain(encoder.transform([queries[query]]))
 print(table[["rank", "label", "similarity", "weight", "source"]].to_string(index=False))
 
-fig, axes = plt.subplots(1, 11, figsize=(13, 2.4))
-axes[0].imshow(Image.open(queries[query]), cmap="gray")
-axes[0].set_title(f"query\ntrue: {query_labels[query]}\npredicted: {predicted[query]}",
-                  fontsize=8)
-for ax, (_, row) in zip(axes[1:], table.iterrows()):
-    ax.imshow(Image.open(row["source"]), cmap="gray")
-    ax.set_title(f"{row['label']}\ncos {row['similarity']:.2f}\nvote {row['weight']:.2f}",
-                 fontsize=8)
-for ax in axes:
-    ax.axis("off")
-fig.suptitle("A decision explained by the memory images that voted")
-fig.tight_layout()
+display = ExplanationDisplay.from_explanation(
+    table, query_image=queries[query],
+    title=f"A {query_labels[query]}, predicted {predicted[query]}: the memory images that voted")
 plt.show()
 folder.cleanup()

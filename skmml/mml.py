@@ -47,6 +47,7 @@ class _MemoryView:
 
     def __init__(self, memory, branches, estimator, support=None):
         self.classes = memory.classes
+        self.verbose = bool(estimator.verbose)
         self.banks, self.codes, self.indexes = {}, {}, {}
         union = concat_banks(memory.image, memory.text) if estimator.unified_memory else None
         index = None
@@ -90,7 +91,7 @@ class _MemoryView:
         k = min(k, len(bank) - extra)
         if k < 1:
             raise ValueError(f"The {branch} memory is too small to retrieve neighbours.")
-        sims, rows = self.indexes[branch].search(X, k + extra)
+        sims, rows = self.indexes[branch].search(X, k + extra, verbose=self.verbose)
         return _drop_self(sims, rows, bank.ids, query_ids)
 
 

@@ -446,3 +446,12 @@ def test_a_single_class_is_a_clear_error_and_unknown_classes_point_to_expand(dig
     clf = MemoryModularClassifier(max_epochs=0).fit(X[y < 5], y[y < 5])
     with pytest.raises(ValueError, match=r"not in the memory: \[7\].*mode='expand'"):
         clf.partial_fit(X[y == 7], y[y == 7])
+
+
+def test_verbose_shows_progress_while_retrieving_for_a_prediction(digits, capsys):
+    X, y = digits
+    clf = MemoryModularClassifier(max_epochs=1, validation_fraction=None, n_neighbors=5,
+                                  verbose=1, random_state=0).fit(X[:600], y[:600])
+    assert "training" in capsys.readouterr().err
+    clf.explain(X[600:1000])  # retrieval for 400 queries
+    assert "searching" in capsys.readouterr().err
