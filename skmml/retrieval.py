@@ -79,6 +79,10 @@ def score_error(dim):
     return 1.01 * (dim + 1) * 2.0**-24
 
 
+#: (query, candidate) pairs re-scored at a time by canonical_neighbours.
+_RESCORE_BLOCK = 4096
+
+
 def canonical_neighbours(queries, bank, sims, rows, k, exact):
     """The `k` nearest of each query in the project's one order, whatever the search path.
 
@@ -125,7 +129,10 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     involved[:, 1:] |= close[todo]
     scores, cand = sims[todo].copy(), rows[todo]
     q, j = np.nonzero(involved)
-    scores[q, j] = np.einsum("md,md->m", queries[todo[q]], bank.embeddings[cand[q, j]])
+    for start in range(0, q.size, _RESCORE_BLOCK):  # bounded work memory
+        b = slice(start, start + _RESCORE_BLOCK)
+        scores[q[b], j[b]] = np.einsum("md,md->m", queries[todo[q[b]]],
+                                       bank.embeddings[cand[q[b], j[b]]])
     top_scores, top_rows = _ordered(scores, cand, bank, k)
     out_sims[todo], out_rows[todo] = top_scores, top_rows
     if exact and rows.shape[1] > k:
