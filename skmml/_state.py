@@ -13,6 +13,11 @@ was. Writers are serialised by a per-estimator lock (:func:`writer_lock`).
 
 import threading
 
+from sklearn.utils.validation import validate_data
+
+#: Input metadata that ``validate_data(reset=True)`` sets on an estimator.
+INPUT_METADATA = ("n_features_in_", "feature_names_in_")
+
 
 class State:
     """The fields a read needs; never changed after publication, except caches.
@@ -58,14 +63,42 @@ def writer_lock(estimator):
     return holder.lock
 
 
+def validate_aside(estimator, *args, **kwargs):
+    """``validate_data(..., reset=True)`` that leaves `estimator` untouched.
+
+    A refit must not change the input metadata (``n_features_in_``,
+    ``feature_names_in_``) that concurrent reads validate against before its
+    new state is published: the validation runs on a stand-in with the same
+    parameters, and the metadata it sets is returned, to be published with
+    the state (:func:`publish`).
+
+    Returns
+    -------
+    validated : the output of ``validate_data``
+    metadata : dict
+        Values of :data:`INPUT_METADATA` (None for feature names when ``X``
+        had none).
+    """
+    stand_in = type(estimator).__new__(type(estimator))
+    stand_in.__dict__.update(estimator.get_params(deep=False))
+    validated = validate_data(stand_in, *args, reset=True, **kwargs)
+    return validated, {name: stand_in.__dict__.get(name) for name in INPUT_METADATA}
+
+
 def publish(estimator, state, **attributes):
     """Install `state` and the public attributes derived from it in one step.
 
     ``dict.update`` with string keys runs no Python code between its
     insertions, so no other thread (nor a signal handler) can observe a
     partial update; the previous state is kept alive until the update is
-    done, so that no object's deallocation runs in the middle of it.
+    done, so that no object's deallocation runs in the middle of it. An
+    attribute given as None among :data:`INPUT_METADATA` is removed after
+    the update (fitted feature names that no longer apply).
     """
     previous = estimator.__dict__.get("_state")
-    estimator.__dict__.update({"_state": state, **attributes})
+    drop = [name for name in INPUT_METADATA if name in attributes and attributes[name] is None]
+    estimator.__dict__.update(
+        {"_state": state, **{k: v for k, v in attributes.items() if k not in drop}})
+    for name in drop:
+        estimator.__dict__.pop(name, None)
     del previous

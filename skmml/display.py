@@ -171,7 +171,8 @@ class ExplanationDisplay:
         if isinstance(images, str):
             if images not in rows:
                 raise ValueError(f"The explanation has no metadata column {images!r}.")
-            by_id = dict(zip(rows["id"], rows[images]))
+            by_id = {item: value for item, value in zip(rows["id"], rows[images])
+                     if not (isinstance(value, float) and np.isnan(value))}  # e.g. text rows
             return lambda item: by_id[item]
         return lambda item: images[item]
 

@@ -80,6 +80,9 @@ def _check_hub_answers(what, timeout=3.0):
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {
             "1", "ON", "YES", "TRUE"}:
         return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                             "http_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: a direct probe would not tell
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

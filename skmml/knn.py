@@ -9,8 +9,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._state import State, publish, writer_lock
-from ._validation import check_n_neighbors, input_metadata_kept_on_error, l2_normalize
+from ._state import State, publish, validate_aside, writer_lock
+from ._validation import check_n_neighbors, l2_normalize
 from .memory import Memory
 from .pruning import PRUNING_MODES, item_weights, leave_one_out_neighbors, wrong_neighbor_counts
 from .retrieval import NeighborIndex
@@ -175,21 +175,21 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : KNNVoteClassifier
         """
-        with writer_lock(self), input_metadata_kept_on_error(self):
+        with writer_lock(self):
             if self.memory is None:
-                X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+                (X, y), metadata = validate_aside(self, X, y, dtype=np.float32, order="C")
                 check_classification_targets(y)
                 memory = Memory(X, y)
             else:
                 memory = self.memory
-                X = validate_data(self, X, dtype=np.float32, order="C")
+                X, metadata = validate_aside(self, X, dtype=np.float32, order="C")
                 if X.shape[1] != memory.n_features:
                     raise ValueError(
                         f"X has {X.shape[1]} features but the memory holds "
                         f"{memory.n_features}-dimensional embeddings."
                     )
             index = self._new_index().build(_image_bank(memory))
-            self._adopt(memory, index, pruning=None)
+            self._adopt(memory, index, pruning=None, metadata=metadata)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -213,9 +213,12 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : KNNVoteClassifier
         """
-        with writer_lock(self), input_metadata_kept_on_error(self):
+        with writer_lock(self):
             first = not hasattr(self, "_state")
-            X, y = validate_data(self, X, y, reset=first, dtype=np.float32, order="C")
+            if first:
+                (X, y), metadata = validate_aside(self, X, y, dtype=np.float32, order="C")
+            else:
+                X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
             check_classification_targets(y)
             if classes is not None:
                 unknown = np.setdiff1d(y, classes)
@@ -223,7 +226,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
                     raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
             if first:
                 memory = Memory(X, y) if self.memory is None else self.memory.add(X, y)
-                self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None)
+                self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None,
+                            metadata=metadata)
             else:
                 state = self._state
                 memory = state.memory.add(X, y)
@@ -262,8 +266,11 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
                     raise ValueError("reassign_ids=True applies to mode='expand' only.")
                 index = self._new_index().build(_image_bank(memory))
                 state = getattr(self, "_state", None)
+                same = getattr(self, "n_features_in_", None) == memory.n_features
                 self._adopt(memory, index, None if state is None else state.pruning,
-                            n_features=memory.n_features)
+                            metadata={"n_features_in_": memory.n_features,
+                                      "feature_names_in_": getattr(
+                                          self, "feature_names_in_", None) if same else None})
             else:
                 raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
         return self
@@ -294,12 +301,13 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     def _new_index(self):
         return NeighborIndex(self.index, self.index_params, self.index_device)
 
-    def _adopt(self, memory, index, pruning, n_features=None):
+    def _adopt(self, memory, index, pruning, metadata=None):
         """Make `memory` (indexed by `index`) the estimator's memory, in one step.
 
         Pruning, when on, is recomputed for the new memory before anything is
-        published (see :mod:`skmml._state`); with `n_features`, the expected
-        query width changes in the same step.
+        published (see :mod:`skmml._state`); with `metadata` (input metadata
+        from :func:`~skmml._state.validate_aside`), the expected queries
+        change in the same step.
         """
         bank = memory.image
         classes, codes = np.unique(bank.labels, return_inverse=True)
@@ -309,21 +317,15 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             counts = wrong_neighbor_counts(index, bank, codes, pruning["n_neighbors"],
                                            bool(self.verbose))
         self._publish(State(memory=memory, index=index, classes=classes, codes=codes),
-                      pruning, counts, n_features)
+                      pruning, counts, metadata)
 
-    def _publish(self, state, pruning, counts, n_features=None):
+    def _publish(self, state, pruning, counts, metadata=None):
         """Publish `state` with its pruning and the public attributes, in one step."""
         weights = None if counts is None else item_weights(
             counts, pruning["mode"], pruning["threshold"])
         state = state.replace(pruning=pruning, wrong_counts=counts, item_weight=weights)
-        attributes = {"memory_": state.memory, "classes_": state.classes, "pruning_": pruning}
-        if n_features is not None:
-            attributes["n_features_in_"] = n_features
-            previous = self.__dict__.get("n_features_in_")
-            if previous != n_features and "feature_names_in_" in self.__dict__:
-                # Different columns: the fitted feature names no longer apply.
-                self.__dict__.pop("feature_names_in_")
-        publish(self, state, **attributes)
+        publish(self, state, memory_=state.memory, classes_=state.classes, pruning_=pruning,
+                **(metadata or {}))
 
     def _read_state(self):
         """The published state, for a read (or a writer that derives the next one)."""

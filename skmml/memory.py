@@ -509,6 +509,9 @@ class Memory:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
                                    suffix=".tmp")
         try:
+            # mkstemp makes the file private (0600); give it the mode a plain
+            # open() would: the existing file's, or 0666 less the umask.
+            os.chmod(tmp, _mode_for(path))
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
@@ -531,9 +534,10 @@ class Memory:
         max_bytes : int, default=None
             Most bytes the file's arrays (and Parquet metadata) may declare,
             checked from their headers before anything is decompressed or
-            allocated. None allows four times the file's size plus 16 MiB
-            (``save`` writes uncompressed arrays, so a genuine file declares
-            about its own size); raise it for files you trust.
+            allocated. None allows 64 times the file's size plus 256 MiB
+            (``save`` writes uncompressed arrays, which declare about their own
+            size, and Parquet metadata, which compresses repetitive text such
+            as file paths several times over); raise it for files you trust.
 
         Raises
         ------
@@ -546,7 +550,7 @@ class Memory:
         """
         path = os.fspath(path)
         if max_bytes is None:
-            max_bytes = 4 * os.path.getsize(path) + 16 * 2**20
+            max_bytes = 64 * os.path.getsize(path) + 256 * 2**20
         try:
             return _load_checked(path, max_bytes)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
@@ -556,6 +560,15 @@ class Memory:
                     raise
             problem = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             raise ValueError(f"Cannot load a Memory from {path}: {problem}") from None
+
+
+def _mode_for(path):
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_folder(folder):

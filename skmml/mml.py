@@ -16,9 +16,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._state import State, publish, writer_lock
-from ._validation import (check_n_neighbors, input_metadata_kept_on_error, l2_normalize,
-                          resolve_device)
+from ._state import State, publish, validate_aside, writer_lock
+from ._validation import check_n_neighbors, l2_normalize, resolve_device
 from .heads import IntegrationHead
 from .memory import Memory, concat_banks
 from .prototypes import PROTOTYPE_MODES, class_prototypes
@@ -363,7 +362,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : MemoryModularClassifier
         """
-        with writer_lock(self), input_metadata_kept_on_error(self):
+        with writer_lock(self):
             return self._fit(X, y, self.max_epochs)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -391,7 +390,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             unknown = np.setdiff1d(np.asarray(y), classes)
             if unknown.size:
                 raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
-        with writer_lock(self), input_metadata_kept_on_error(self):
+        with writer_lock(self):
             if not hasattr(self, "_state"):
                 return self._fit(X, y, 1)
             X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
@@ -399,7 +398,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             state = self._state
             _check_known(y, state.memory)
             queries = _QuerySet(l2_normalize(X), np.searchsorted(state.view.classes, y),
-                                state.view, self.branches_, self)
+                                state.view, state.branches, self)
             # Train a copy: the published heads serve reads until the epoch is
             # complete, and an interrupted epoch leaves them as they were.
             heads = copy.deepcopy(state.heads)
@@ -409,7 +408,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _fit(self, X, y, max_epochs):
-        X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+        (X, y), metadata = validate_aside(self, X, y, dtype=np.float32, order="C")
         check_classification_targets(y)
         Xn = l2_normalize(X)
         supervised = self.memory is None
@@ -461,7 +460,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             memory, branches, self)
         self._adopt(memory, view, heads=heads, untrained=best[0] == 0, fitted={
             "history_": pd.DataFrame(history), "best_epoch_": best[0], "n_iter_": epoch,
-            "branches_": branches, "_head_seed": seed})
+            "branches_": branches, "_head_seed": seed, "_head_init": self.residual_init,
+            **metadata})
         if self.verbose:
             print(self._selection_report(max_epochs, floor, held_out_classes=(
                 val is not None and val.view is not train.view)))
@@ -668,8 +668,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         the old classifier or the new one, and a failure changes nothing.
         """
         fitted = dict(fitted or {})
-        branches = fitted.get("branches_", getattr(self, "branches_", None))
         previous = getattr(self, "_state", None)
+        branches = fitted.get("branches_", None if previous is None else previous.branches)
         if heads is None:
             heads = previous.heads
         if untrained is None:
@@ -678,11 +678,10 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             view = _MemoryView(memory, branches, self, support)
         for head in heads.values():
             head.eval()
-        state = State(memory=memory, view=view, support=support, heads=heads,
+        state = State(memory=memory, view=view, support=support, heads=heads, branches=branches,
                       untrained=untrained, projected={},
                       identity={b: head.is_identity() for b, head in heads.items()})
-        publish(self, state, memory_=memory, classes_=view.classes, heads_=heads,
-                n_features_in_=memory.n_features, **fitted)
+        publish(self, state, memory_=memory, classes_=view.classes, heads_=heads, **fitted)
 
     def _read_state(self):
         check_is_fitted(self, "heads_")
@@ -757,8 +756,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             # A memory of another width was published after validation: the
             # read sees the new memory, so it fails as it would have after.
             validate_data(self, X, reset=False)
-        self._check_k(state.memory, self.branches_)
-        search = [b for b in self.branches_ if explain or not state.identity[b]]
+        self._check_k(state.memory, state.branches)
+        search = [b for b in state.branches if explain or not state.identity[b]]
         return state, _QuerySet(l2_normalize(X), None, state.view, search, self)
 
     @torch.no_grad()
@@ -838,7 +837,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         attention = {}
         self._all_logits(state, queries, attention)
         tables = []
-        for branch in self.branches_:
+        for branch in state.branches:
             bank = state.view.banks[branch]
             rows, sims = queries.rows[branch], queries.sims[branch]
             n, k = rows.shape
@@ -880,7 +879,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         if heads is not None:
             # A model trained on a GPU loads on a CPU-only machine, and vice versa.
             device = _torch_device("cpu" if state["heads_device"] == "cpu" else "auto")
-            fresh = _new_heads(tuple(heads), state["n_features_in_"], state["residual_init"],
+            # The heads as fitted: the residual_init parameter may have changed since.
+            fresh = _new_heads(tuple(heads), state["n_features_in_"], state["_head_init"],
                                state["_head_seed"], "cpu")
             state["heads_"] = {}
             for branch, weights in heads.items():

@@ -325,7 +325,7 @@ class NeighborIndex:
         margin = min(len(self.bank_) - k, max(4, k // 4))
         sims, rows = self._raw_search(queries, k + max(margin, 0))
         return canonical_neighbours(queries, self.bank_, sims, rows, k,
-                                    exact=self.index == "flat")
+                                    exact=self.index in ("flat", "Flat"))
 
     def _raw_search(self, queries, k):
         if self.faiss_index_ is None:

@@ -129,9 +129,13 @@ def staged_winners(codes, weights, contributes):
             votes[rows, codes[:, j]] += weights[:, j]
             cumulative[:, j] = votes[rows, codes[:, j]]
     else:
+        # Row j holds neighbour j's class's weights at positions 0..j (zeros
+        # elsewhere); a running sum adds them in neighbour order, as the loop
+        # above does, so both paths give bit-identical votes.
         same = codes[:, :, None] == codes[:, None, :]
         same &= np.tril(np.ones((k, k), dtype=bool))
-        cumulative = np.matmul(same.astype(np.float64), weights[:, :, None])[:, :, 0]
+        masked = np.where(same, weights[:, None, :].astype(np.float64), 0.0)
+        cumulative = np.cumsum(masked, axis=2)[:, np.arange(k), np.arange(k)]
     cumulative[~contributes] = -np.inf
     running = np.maximum.accumulate(cumulative, axis=1)
     before = np.concatenate([np.full((n, 1), -np.inf), running[:, :-1]], axis=1)

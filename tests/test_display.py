@@ -94,3 +94,21 @@ def test_errors(digits):
         ExplanationDisplay.from_explanation(pd.DataFrame({"a": [1]}))
     with pytest.raises(ValueError, match="no metadata column 'path'"):
         ExplanationDisplay.from_explanation(table, query=0, images="path")
+
+
+def test_mml_explanation_with_image_files_and_text_items(tmp_path):
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(2, 8))
+    img_y, txt_y = np.repeat(np.arange(2), 5), np.array([0, 1])
+    paths = []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (6, 6), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    memory = Memory(centres[img_y] + rng.normal(size=(10, 8)), img_y,
+                    text_embeddings=centres[txt_y], text_labels=txt_y,
+                    image_metadata={"source": paths}, text_metadata={"text": ["zero", "one"]})
+    X = (centres[img_y] + rng.normal(size=(10, 8))).astype(np.float32)
+    clf = MemoryModularClassifier(n_neighbors=2, max_epochs=0, memory=memory).fit(X, img_y)
+    display = ExplanationDisplay.from_estimator(clf, X[:1])  # images from "source"
+    assert sum(len(ax.get_images()) for ax in display.axes_[1:]) == 2  # the image branch
+    assert sum(len(ax.texts) for ax in display.axes_[1:]) == 2  # the text branch

@@ -363,3 +363,16 @@ def test_an_unreachable_hub_fails_within_seconds_with_guidance(make, monkeypatch
     with pytest.raises(OSError, match="does not answer .*HF_HUB_OFFLINE=1"):
         make().transform(np.zeros((1, 32, 32), np.uint8))
     assert time.perf_counter() - start < 10
+
+
+def test_the_hub_probe_leaves_proxied_networks_to_huggingface_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    from skmml.encoders import _check_hub_answers
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(OSError, match="does not answer"):
+        _check_hub_answers("a model")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert _check_hub_answers("a model") is None  # the proxy decides, not a direct probe

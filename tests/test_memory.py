@@ -284,7 +284,19 @@ def _malformed(arrays):
     emb = a["image_embeddings"]
 
     def bomb(path):
-        np.savez_compressed(path, **a, padding=np.zeros(40_000_000, np.float32))
+        # A valid archive whose embeddings member declares 2 GiB of zeros,
+        # deflated to a few MiB: streamed, never held in memory here.
+        import zipfile
+
+        np.savez(path, **{k: v for k, v in a.items() if k != "image_embeddings"})
+        n = 2**29  # float32 values: 2 GiB
+        header = {"descr": "<f4", "fortran_order": False, "shape": (n // 4, 4)}
+        with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+            with archive.open("image_embeddings.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                chunk = bytes(2**24)
+                for _ in range(4 * n // len(chunk)):
+                    member.write(chunk)
 
     def objects(path):
         np.savez(path, **{**a, "image_labels": np.array(["cat", 1] * 3, dtype=object)})
@@ -377,3 +389,20 @@ def test_interrupted_or_failed_save_keeps_the_previous_file(tmp_path, monkeypatc
         assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.npz"]
     new.save(path)
     assert len(Memory.load(path).image) == 4
+
+
+def test_saved_files_get_the_usual_mode_and_long_paths_load_by_default(tmp_path):
+    import os
+
+    path = tmp_path / "m.npz"
+    umask = os.umask(0o022)
+    try:
+        # Repetitive metadata (long file paths) that Parquet compresses many times.
+        n = 20_000
+        paths = [f"/data/{'nested/' * 60}image_{i:06d}.png" for i in range(n)]
+        Memory(np.ones((n, 2)) + np.arange(n)[:, None] * [0, 1e-3], np.zeros(n, int),
+               image_metadata={"source": paths}).save(path)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert Memory.load(path).image.metadata["source"].iloc[-1] == paths[-1]

@@ -261,3 +261,53 @@ def test_reads_see_whole_states_while_a_writer_mutates(tmp_path):
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count(" 0 inconsistent reads, 0 errors") == 5
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KNNVoteClassifier(n_neighbors=3),
+    lambda: MemoryModularClassifier(n_neighbors=3, max_epochs=0, heads_device="cpu"),
+])
+def test_reads_during_a_refit_to_another_width_see_the_old_classifier(make, monkeypatch):
+    import threading
+
+    import skmml.retrieval as retrieval
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    X8, X4 = rng.normal(size=(30, 8)), rng.normal(size=(30, 4))
+    clf = make().fit(X8, y)
+    expected = clf.predict(X8[:5])
+    entered, release = threading.Event(), threading.Event()
+    build = retrieval.NeighborIndex.build
+
+    def slow_build(self, bank):
+        entered.set()
+        release.wait(10)
+        return build(self, bank)
+
+    monkeypatch.setattr(retrieval.NeighborIndex, "build", slow_build)
+    refit = threading.Thread(target=clf.fit, args=(X4, y))
+    refit.start()
+    assert entered.wait(10)
+    try:
+        # The refit has validated its data but not published: reads see the
+        # old classifier whole, old width included.
+        assert clf.n_features_in_ == 8
+        np.testing.assert_array_equal(clf.predict(X8[:5]), expected)
+        with pytest.raises(ValueError, match="X has 4 features, but .* is expecting 8"):
+            clf.predict(X4[:5])
+    finally:
+        release.set()
+        refit.join()
+    assert clf.n_features_in_ == 4 and clf.predict(X4[:5]).shape == (5,)
+
+
+def test_untrained_heads_reload_as_fitted_after_set_params():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    X = rng.normal(size=(60, 8)).astype(np.float32)
+    clf = MemoryModularClassifier(n_neighbors=3, max_epochs=0, residual_init="default",
+                                  random_state=0, heads_device="cpu").fit(X, y)
+    clf.set_params(residual_init="zero")  # a parameter change after fit
+    loaded = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(loaded.decision_function(X), clf.decision_function(X))

@@ -120,3 +120,18 @@ def test_staged_winners_work_memory_is_linear_in_k():
     assert peak < 50 * 2**20
     for j in (0, 99, k - 1):
         assert codes[0, winners[0, j]] == _reference_winner(codes[0, : j + 1], w[0, : j + 1])
+
+
+def test_votes_are_summed_in_neighbour_order_on_both_paths(monkeypatch):
+    import skmml.voting as voting_module
+
+    # 0.3 vs 0.05 + 0.2 + 0.05: equal in neighbour order (a tie the first
+    # class wins), 0.30000000000000004 in another order.
+    codes = np.array([[1, 0, 0, 0]])
+    w = np.array([[0.3, 0.05, 0.2, 0.05]])
+    assert ((0.05 + 0.2) + 0.05) == 0.3
+    pairwise = staged_winners(codes, w, np.ones((1, 4), bool))
+    monkeypatch.setattr(voting_module, "_PAIRWISE_MAX_K", 2)
+    sequential = staged_winners(codes, w, np.ones((1, 4), bool))
+    np.testing.assert_array_equal(pairwise, sequential)
+    np.testing.assert_array_equal(pairwise, [[0, 0, 0, 0]])
