@@ -1,5 +1,6 @@
 """ExplanationDisplay: a decision explained as a picture of the memory items behind it."""
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -226,16 +227,6 @@ def _show(ax, image, text=None):
         image = np.asarray(image)
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
     elif text is not None:
-        ax.text(0.5, 0.5, "\n".join(_wrap(str(text), 18)[:6]), ha="center", va="center",
+        lines = textwrap.wrap(str(text), 18)[:6]
+        ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center",
                 fontsize=6, wrap=True)
-
-
-def _wrap(text, width):
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines

@@ -4,7 +4,7 @@ import contextlib
 import io
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -506,12 +506,12 @@ class Memory:
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                   suffix=".tmp")
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+        # Created as open() creates files (0666 less the umask), unlike mkstemp's 0600.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            # mkstemp makes the file private (0600); give it the mode a plain
-            # open() would: the existing file's, or 0666 less the umask.
-            os.chmod(tmp, _mode_for(path))
+            with contextlib.suppress(OSError):  # an existing target keeps its mode
+                os.chmod(tmp, os.stat(path).st_mode & 0o7777)
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
@@ -553,22 +553,12 @@ class Memory:
             max_bytes = 64 * os.path.getsize(path) + 256 * 2**20
         try:
             return _load_checked(path, max_bytes)
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise  # not a malformed file: the error already says what is wrong
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
-                zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError, OSError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, (zipfile.BadZipFile,)):
-                if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-                    raise
+                zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as exc:
             problem = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             raise ValueError(f"Cannot load a Memory from {path}: {problem}") from None
-
-
-def _mode_for(path):
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def _fsync_folder(folder):

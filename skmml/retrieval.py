@@ -94,9 +94,10 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     within ``4 eps`` of each other (:func:`score_error`) has those candidates
     re-scored by one fixed kernel and is sorted by (-score, id); other
     candidates, and other queries, are already in the same order on every
-    path (their gaps exceed what two paths' errors can invert). For an `exact` index, a re-scored query whose k-th
-    score is not above the last candidate's bound (``sims[:, -1] + 2 eps``,
-    e.g. many duplicates) is settled by a full scan of the memory.
+    path (their gaps exceed what two paths' errors can invert). For an
+    `exact` index, a re-scored query whose k-th score is not above the last
+    candidate's bound (``sims[:, -1] + 2 eps``, e.g. many duplicates) is
+    settled by a full scan of the memory.
 
     Parameters
     ----------

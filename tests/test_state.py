@@ -123,7 +123,8 @@ KNN_MUTATIONS = {
 @pytest.mark.parametrize("name", list(KNN_MUTATIONS))
 def test_knn_mutations_are_all_or_nothing(data, index, name):
     X, y, extra, probe = data
-    base = KNNVoteClassifier(n_neighbors=5, index=index, index_device="cpu").fit(X, y).prune("soft")
+    base = KNNVoteClassifier(n_neighbors=5, index=index, index_device="cpu").fit(X, y)
+    base.prune("soft")
     mutation = KNN_MUTATIONS[name]
     outcomes = _check_all_or_nothing(base, lambda c: mutation(c, extra), _knn_fingerprint,
                                       probe, n_points=25)
@@ -235,7 +236,8 @@ CONCURRENCY_SCRIPT = textwrap.dedent("""
         failures += run(f"KNNVoteClassifier({index})", clf, knn_read, knn_write, seconds)
 
     mml = MemoryModularClassifier(n_neighbors=8, max_epochs=1, validation_fraction=None,
-                                  random_state=0, heads_device="cpu", memory=anchor).fit(X[:600], y[:600])
+                                  random_state=0, heads_device="cpu",
+                                  memory=anchor).fit(X[:600], y[:600])
     other = Memory(X[:1500], y[:1500])
 
     def mml_write(clf, step):
