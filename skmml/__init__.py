@@ -1,10 +1,11 @@
 """skmml: memory-modular, retrieval-augmented classification for scikit-learn."""
 
+from .bank import MemoryBank
 from .builders import build_memory
 from .display import ExplanationDisplay
 from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder
 from .knn import KNNVoteClassifier
-from .memory import Memory, MemoryBank
+from .memory import Memory
 from .mml import MemoryModularClassifier
 from .retrieval import NeighborIndex
 from .zero_shot import ZeroShotCLIPClassifier

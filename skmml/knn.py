@@ -310,14 +310,13 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         change in the same step.
         """
         bank = memory.image
-        classes, codes = np.unique(bank.labels, return_inverse=True)
-        counts = None
+        classes, counts = bank.classes, None
         if pruning is not None:
             self._check_k(pruning["n_neighbors"] + 1, len(bank))
-            counts = wrong_neighbor_counts(index, bank, codes, pruning["n_neighbors"],
-                                           bool(self.verbose))
-        self._publish(State(memory=memory, index=index, classes=classes, codes=codes),
-                      pruning, counts, metadata)
+            counts = wrong_neighbor_counts(index, bank, _slot_codes(classes, bank),
+                                           pruning["n_neighbors"], bool(self.verbose))
+        self._publish(State(memory=memory, index=index, classes=classes), pruning, counts,
+                      metadata)
 
     def _publish(self, state, pruning, counts, metadata=None):
         """Publish `state` with its pruning and the public attributes, in one step."""
@@ -368,8 +367,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             k = self.n_neighbors if n_neighbors is None else n_neighbors
             bank = state.memory.image
             self._check_k(k + 1, len(bank))
-            counts = wrong_neighbor_counts(state.index, bank, state.codes, k,
-                                           bool(self.verbose))
+            counts = wrong_neighbor_counts(state.index, bank, _slot_codes(state.classes, bank),
+                                           k, bool(self.verbose))
             pruning = {"mode": mode, "threshold": threshold, "n_neighbors": k}
             self._publish(state, pruning, counts)
         return self
@@ -394,19 +393,20 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         if state.pruning is None:
             raise ValueError("Pruning is off; call prune() first.")
         bank = state.memory.image
+        live = bank.live_slots
         report = pd.DataFrame({
             "id": bank.ids,
             "label": bank.labels,
-            "wrong_count": state.wrong_counts,
-            "weight": state.item_weight,
-            "excluded": state.item_weight == 0,
+            "wrong_count": state.wrong_counts[live],
+            "weight": state.item_weight[live],
+            "excluded": state.item_weight[live] == 0,
         })
         return report.sort_values("wrong_count", ascending=False, kind="stable")
 
     # -- prediction --------------------------------------------------------------------
 
     def _search(self, X, k=None):
-        """(state, similarities, rows): one snapshot for the whole read."""
+        """(state, similarities, slots): one snapshot for the whole read."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
         state = self._state
@@ -416,18 +416,18 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             validate_data(self, X, reset=False)
         k = self.n_neighbors if k is None else k
         self._check_k(k, len(state.memory.image))
-        sims, rows = state.index.search(l2_normalize(X), k, verbose=bool(self.verbose))
-        return state, sims, rows
+        sims, slots = state.index.search(l2_normalize(X), k, verbose=bool(self.verbose))
+        return state, sims, slots
 
     @staticmethod
     def _check_k(k, n_items):
         check_n_neighbors(k, n_items)
 
-    def _vote(self, state, sims, rows):
+    def _vote(self, state, sims, slots):
         """Class codes, final vote weights and per-prefix winners of each query."""
-        found = rows >= 0
-        safe = np.where(found, rows, 0)
-        codes = state.codes[safe]
+        found = slots >= 0
+        safe = np.where(found, slots, 0)
+        codes = np.searchsorted(state.classes, state.memory.image.slot_labels[safe])
         hard = state.pruning is not None and state.pruning["mode"] == "hard"
         kept = found & (state.item_weight[safe] > 0) if hard else found
         weights = self._weights(sims, kept)
@@ -471,8 +471,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         y : ndarray of shape (n_queries,)
         """
-        state, sims, rows = self._search(X)
-        codes, _, winners = self._vote(state, sims, rows)
+        state, sims, slots = self._search(X)
+        codes, _, winners = self._vote(state, sims, slots)
         return state.classes[self._winning_codes(codes, winners[:, -1:])[:, 0]]
 
     def staged_predict(self, X):
@@ -491,8 +491,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         y : ndarray of shape (n_queries,)
             Predictions with the ``k`` nearest neighbours, for ``k = 1, 2, ...``.
         """
-        state, sims, rows = self._search(X)
-        codes, _, winners = self._vote(state, sims, rows)
+        state, sims, slots = self._search(X)
+        codes, _, winners = self._vote(state, sims, slots)
         labels = state.classes[self._winning_codes(codes, winners)]
         for k in range(labels.shape[1]):
             yield labels[:, k]
@@ -513,8 +513,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_queries, n_classes)
             Columns follow ``classes_``.
         """
-        state, sims, rows = self._search(X)
-        codes, weights, winners = self._vote(state, sims, rows)
+        state, sims, slots = self._search(X)
+        codes, weights, winners = self._vote(state, sims, slots)
         votes = tally(codes, weights, len(state.classes))
         total = votes.sum(axis=1)
         empty = total == 0
@@ -551,10 +551,10 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             state = self._read_state()
             bank = state.memory.image
             self._check_k(k + 1, len(bank))
-            sims, rows = leave_one_out_neighbors(state.index, bank, k, bool(self.verbose))
+            sims, slots = leave_one_out_neighbors(state.index, bank, k, bool(self.verbose))
         else:
-            state, sims, rows = self._search(X, k)
-        ids = np.where(rows >= 0, state.memory.image.ids[np.maximum(rows, 0)], -1)
+            state, sims, slots = self._search(X, k)
+        ids = np.where(slots >= 0, state.memory.image.slot_ids[np.maximum(slots, 0)], -1)
         return (1.0 - sims, ids) if return_distance else ids
 
     def explain(self, X):
@@ -573,22 +573,33 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             it cast; 0 for an item excluded by hard pruning), then the
             item's metadata columns.
         """
-        state, sims, rows = self._search(X)
-        _, weights, _ = self._vote(state, sims, rows)
-        n, k = rows.shape
-        found = (rows >= 0).ravel()
-        flat_rows = rows.ravel()[found]
+        state, sims, slots = self._search(X)
+        _, weights, _ = self._vote(state, sims, slots)
+        n, k = slots.shape
+        found = (slots >= 0).ravel()
+        slots = slots.ravel()[found]
         bank = state.memory.image
         table = pd.DataFrame({
             "query": np.repeat(np.arange(n), k)[found],
             "rank": np.tile(np.arange(k), n)[found],
-            "id": bank.ids[flat_rows],
-            "label": bank.labels[flat_rows],
+            "id": bank.slot_ids[slots],
+            "label": bank.slot_labels[slots],
             "similarity": sims.ravel()[found],
             "weight": weights.ravel()[found],
         })
-        metadata = bank.metadata.iloc[flat_rows].reset_index(drop=True)
+        metadata = bank.metadata_at(slots)
         return pd.concat([table, metadata], axis=1) if metadata.shape[1] else table
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # a copy: never alter the live estimator
+        published = state.get("_state")
+        if published is not None and published.pruning is not None:
+            # A bank pickles its live items only (forgotten ones never reach a
+            # file), renumbered from slot 0: so do the per-slot pruning arrays.
+            live = published.memory.image.live_slots
+            state["_state"] = published.replace(wrong_counts=published.wrong_counts[live],
+                                                item_weight=published.item_weight[live])
+        return state
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -596,6 +607,11 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         tags.input_tags.allow_nan = False
         tags.classifier_tags.multi_label = False
         return tags
+
+
+def _slot_codes(classes, bank):
+    """Class index of each slot of `bank` (dead slots included; pruning is O(n) anyway)."""
+    return np.searchsorted(classes, bank.slot_labels)
 
 
 def _image_bank(memory, message="The memory has no image items to vote with."):

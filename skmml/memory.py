@@ -6,118 +6,18 @@ import json
 import os
 import secrets
 import zipfile
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
 from ._validation import (check_embeddings, check_ids, check_labels, check_nonzero_rows,
                           l2_normalize)
+from .bank import empty_bank, make_bank
 from .herding import herding_order
 
 MODALITIES = ("image", "text")
 _FORMAT = "skmml.Memory"
 _FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True, eq=False)
-class MemoryBank:
-    """The items of one modality: embeddings, labels, ids and metadata, row-aligned.
-
-    A bank is immutable: its arrays are read-only and every change to a
-    :class:`Memory` builds new banks, sharing the unchanged arrays.
-
-    Attributes
-    ----------
-    embeddings : ndarray of shape (n_items, n_features), float32
-        L2-normalised item embeddings.
-    labels : ndarray of shape (n_items,)
-        Class label of each item.
-    ids : ndarray of shape (n_items,), int64
-        Stable unique item ids; they never change when other items come or go.
-    metadata : pandas.DataFrame with n_items rows
-        Per-item metadata (for example file path, source, caption); may have
-        no columns.
-    """
-
-    embeddings: np.ndarray
-    labels: np.ndarray
-    ids: np.ndarray
-    metadata: pd.DataFrame
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    @property
-    def dim(self):
-        """Embedding dimension, or None for an empty bank of unknown width."""
-        return self.embeddings.shape[1] if self.embeddings.shape[1] else None
-
-    def rows_of(self, ids):
-        """Return the row of each id in `ids`; raise a ValueError for unknown ids."""
-        ids = np.asarray(ids, dtype=np.int64)
-        sorter = self._sorter
-        if not len(self):
-            pos = np.zeros(ids.shape, dtype=np.int64)
-            found = np.zeros(ids.shape, dtype=bool)
-        else:
-            pos = np.searchsorted(self.ids, ids, sorter=sorter)
-            pos = np.minimum(pos, len(self) - 1)
-            found = self.ids[sorter[pos]] == ids
-        if not np.all(found):
-            raise ValueError(f"Unknown memory ids: {ids[~found][:10].tolist()}.")
-        return sorter[pos]
-
-    def contains(self, ids):
-        """Boolean mask: which of `ids` are items of this bank."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if not len(self):
-            return np.zeros(ids.shape, dtype=bool)
-        pos = np.searchsorted(self.ids, ids, sorter=self._sorter)
-        pos = np.minimum(pos, len(self) - 1)
-        return self.ids[self._sorter[pos]] == ids
-
-    @cached_property
-    def _sorter(self):
-        return np.argsort(self.ids, kind="stable")
-
-    def take(self, rows):
-        """Return a new bank with the items at `rows`, in that order."""
-        return _make_bank(
-            self.embeddings[rows],
-            self.labels[rows],
-            self.ids[rows],
-            self.metadata.iloc[rows].reset_index(drop=True),
-        )
-
-    def __getstate__(self):
-        # The id sorter is a cache: rebuilt on demand, never pickled.
-        return {k: v for k, v in self.__dict__.items() if k != "_sorter"}
-
-    def __setstate__(self, state):
-        for key in ("embeddings", "labels", "ids"):
-            state[key] = _readonly(state[key])
-        self.__dict__.update(state)
-
-
-def _readonly(a):
-    a = a.view()
-    a.flags.writeable = False
-    return a
-
-
-def _make_bank(embeddings, labels, ids, metadata):
-    return MemoryBank(_readonly(embeddings), _readonly(labels), _readonly(ids), metadata)
-
-
-def _empty_bank(dim=0, labels_dtype=np.int64):
-    return _make_bank(
-        np.empty((0, dim), dtype=np.float32),
-        np.empty(0, dtype=labels_dtype),
-        np.empty(0, dtype=np.int64),
-        pd.DataFrame(index=pd.RangeIndex(0)),
-    )
 
 
 def _label_kind(labels):
@@ -132,21 +32,6 @@ def _check_metadata(metadata, n, name):
     if len(metadata) != n:
         raise ValueError(f"{name} has {len(metadata)} rows but there are {n} embeddings.")
     return metadata.reset_index(drop=True)
-
-
-def concat_banks(a, b):
-    """Stack two banks; the caller has checked ids, dimensions and label kinds."""
-    if not len(a):
-        return b
-    if not len(b):
-        return a
-    metadata = pd.concat([a.metadata, b.metadata], ignore_index=True)
-    return _make_bank(
-        np.concatenate([a.embeddings, b.embeddings]),
-        np.concatenate([a.labels, b.labels]),
-        np.concatenate([a.ids, b.ids]),
-        metadata,
-    )
 
 
 class Memory:
@@ -249,9 +134,9 @@ class Memory:
         if check and len(filled) == 2:
             _check_compatible(image, text, "text items")
         dim = filled[0].dim if filled else 0
-        dtype = filled[0].labels.dtype if filled else np.int64
-        self.image = image if image is not None and len(image) else _empty_bank(dim, dtype)
-        self.text = text if text is not None and len(text) else _empty_bank(dim, dtype)
+        dtype = filled[0].slot_labels.dtype if filled else np.int64
+        self.image = image if image is not None and len(image) else empty_bank(dim, dtype)
+        self.text = text if text is not None and len(text) else empty_bank(dim, dtype)
 
     @classmethod
     def from_folder(cls, root, image_encoder, text_encoder=None, **kwargs):
@@ -331,8 +216,7 @@ class Memory:
         existing id.
         """
         old = self.bank(modality)
-        next_id = max((int(b.ids[b._sorter[-1]]) + 1 for b in (self.image, self.text) if len(b)),
-                      default=0)
+        next_id = max((b.max_id + 1 for b in (self.image, self.text) if len(b)), default=0)
         new = _new_bank(embeddings, labels, ids, metadata, modality, self.n_features, next_id)
         clash = new.ids[self.image.contains(new.ids) | self.text.contains(new.ids)]
         if clash.size:
@@ -340,8 +224,7 @@ class Memory:
         for bank in (self.image, self.text):
             if len(bank):
                 _check_compatible(bank, new, f"new {modality} items", check_ids=False)
-        merged = concat_banks(old, new)
-        return self._replaced(modality, merged)
+        return self._replaced(modality, old.append(new))
 
     def _replaced(self, modality, bank):
         if modality == "image":
@@ -358,14 +241,9 @@ class Memory:
         unknown = ids[~(in_image | in_text)]
         if unknown.size:
             raise ValueError(f"Unknown memory ids: {unknown[:10].tolist()}.")
-        banks = []
-        for bank, mask in ((self.image, in_image), (self.text, in_text)):
-            if mask.any():
-                keep = np.ones(len(bank), dtype=bool)
-                keep[bank.rows_of(ids[mask])] = False
-                bank = bank.take(np.flatnonzero(keep))
-            banks.append(bank)
-        return Memory._from_banks(*banks)
+        return Memory._from_banks(*(bank.without(ids[mask]) if mask.any() else bank
+                                    for bank, mask in ((self.image, in_image),
+                                                       (self.text, in_text))))
 
     def keep_classes(self, classes):
         """Return a memory holding only the items of `classes`."""
@@ -431,7 +309,7 @@ class Memory:
             keep = np.flatnonzero(ranks < per_class)
             kept = bank.take(keep)
             metadata = kept.metadata.assign(herding_rank=ranks[keep].astype(np.int64))
-            banks.append(_make_bank(kept.embeddings, kept.labels, kept.ids, metadata))
+            banks.append(make_bank(kept.embeddings, kept.labels, kept.ids, metadata))
         return Memory._from_banks(*banks)
 
     def expand(self, other, *, reassign_ids=False):
@@ -459,17 +337,15 @@ class Memory:
             for theirs in (other.image, other.text):
                 if len(mine) and len(theirs):
                     _check_compatible(mine, theirs, "the other memory", check_ids=False)
-        return Memory._from_banks(
-            concat_banks(self.image, other.image), concat_banks(self.text, other.text)
-        )
+        return Memory._from_banks(self.image.append(other.image), self.text.append(other.text))
 
     def _renumbered(self, start):
         n_image = len(self.image)
         image, text = self.image, self.text
-        new_image = _make_bank(
+        new_image = make_bank(
             image.embeddings, image.labels, np.arange(start, start + n_image), image.metadata
         )
-        new_text = _make_bank(
+        new_text = make_bank(
             text.embeddings,
             text.labels,
             np.arange(start + n_image, start + n_image + len(text)),
@@ -661,7 +537,7 @@ def _load_checked(path, max_bytes):
                         f"{modality} embeddings are not of unit norm ({off.size} rows, e.g. "
                         f"row {off[0]} has norm {norms[off[0]]:.6g}); save() writes unit rows"
                     )
-            banks.append(_make_bank(embeddings, labels, ids, metadata))
+            banks.append(make_bank(embeddings, labels, ids, metadata))
     return Memory._from_banks(*banks, check=True)
 
 
@@ -714,7 +590,7 @@ def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
     )
     metadata = _check_metadata(metadata, n, f"{modality} metadata")
     check_nonzero_rows(emb, name=f"{modality} embeddings")
-    return _make_bank(l2_normalize(emb), labels, ids, metadata)
+    return make_bank(l2_normalize(emb), labels, ids, metadata)
 
 
 def _check_compatible(a, b, what, check_ids=True):
@@ -724,10 +600,10 @@ def _check_compatible(a, b, what, check_ids=True):
             f"Dimension mismatch: {what} have dimension {b.dim}, "
             f"the memory holds {a.dim}-dimensional embeddings."
         )
-    if _label_kind(a.labels) != _label_kind(b.labels):
+    if _label_kind(a.slot_labels) != _label_kind(b.slot_labels):
         raise ValueError(
-            f"Label type mismatch: {what} have {b.labels.dtype} labels, "
-            f"the memory has {a.labels.dtype} labels."
+            f"Label type mismatch: {what} have {b.slot_labels.dtype} labels, "
+            f"the memory has {a.slot_labels.dtype} labels."
         )
     clash = np.intersect1d(a.ids, b.ids) if check_ids else ()
     if len(clash):

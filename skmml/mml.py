@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ._state import State, publish, validate_aside, writer_lock
 from ._validation import check_n_neighbors, l2_normalize, resolve_device
 from .heads import IntegrationHead
-from .memory import Memory, concat_banks
+from .bank import concat_banks
+from .memory import Memory
 from .prototypes import PROTOTYPE_MODES, class_prototypes
 from .retrieval import NeighborIndex, drop_self
 
@@ -51,7 +52,8 @@ class _MemoryView:
         union = concat_banks(memory.image, memory.text) if estimator.unified_memory else None
         index = None
         for branch in branches:
-            bank = memory.bank(branch) if union is None else union
+            # Compacted: rows and slots coincide, so the heads index plain arrays.
+            bank = memory.bank(branch).compacted() if union is None else union
             if not len(bank):
                 raise ValueError(f"The memory has no {branch} items for the {branch} branch.")
             self.banks[branch] = bank

@@ -17,17 +17,19 @@ SOFT_PRUNING_SCALE = 1.75
 
 
 def leave_one_out_neighbors(index, bank, n_neighbors, verbose=False):
-    """Rows of the `n_neighbors` nearest other items of every item of `bank`.
+    """Slots of the `n_neighbors` nearest other items of every item of `bank`.
 
     Searches ``n_neighbors + 1`` and drops the item itself (see
     :func:`~skmml.retrieval.drop_self`).
 
     Returns
     -------
-    similarities, rows : ndarrays of shape (n_items, n_neighbors)
+    similarities, slots : ndarrays of shape (n_items, n_neighbors)
+        One row per item, in row order; slots as :meth:`NeighborIndex.search`
+        returns them.
     """
-    sims, rows = index.search(bank.embeddings, n_neighbors + 1, verbose=verbose)
-    return drop_self(sims, rows, rows == np.arange(len(bank))[:, None])
+    sims, slots = index.search(bank.embeddings, n_neighbors + 1, verbose=verbose)
+    return drop_self(sims, slots, slots == bank.live_slots[:, None])
 
 
 def wrong_neighbor_counts(index, bank, codes, n_neighbors, verbose=False):
@@ -39,8 +41,8 @@ def wrong_neighbor_counts(index, bank, codes, n_neighbors, verbose=False):
         Index over `bank`.
     bank : MemoryBank
         The memory items.
-    codes : ndarray of shape (n_items,)
-        Class index of each item.
+    codes : ndarray of shape (n_slots,)
+        Class index of each slot of `bank`.
     n_neighbors : int
         Neighbours per leave-one-out query.
     verbose : bool, default=False
@@ -48,12 +50,13 @@ def wrong_neighbor_counts(index, bank, codes, n_neighbors, verbose=False):
 
     Returns
     -------
-    counts : ndarray of shape (n_items,), int64
+    counts : ndarray of shape (n_slots,), int64
+        Per slot (0 for dead slots).
     """
-    _, rows = leave_one_out_neighbors(index, bank, n_neighbors, verbose)
-    found = rows >= 0
-    wrong = found & (codes[np.where(found, rows, 0)] != codes[:, None])
-    return np.bincount(rows[wrong], minlength=len(bank)).astype(np.int64)
+    _, slots = leave_one_out_neighbors(index, bank, n_neighbors, verbose)
+    found = slots >= 0
+    wrong = found & (codes[np.where(found, slots, 0)] != codes[bank.live_slots][:, None])
+    return np.bincount(slots[wrong], minlength=bank.n_slots).astype(np.int64)
 
 
 def item_weights(counts, mode, threshold):

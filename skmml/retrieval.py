@@ -1,6 +1,6 @@
 """Nearest-neighbour retrieval over a memory bank with FAISS.
 
-The index is derived state: it is built from a :class:`~skmml.memory.MemoryBank`,
+The index is derived state: it is built from a :class:`~skmml.MemoryBank`,
 kept in step with it by stable item id, and (de)serialised with
 ``faiss.serialize_index`` so that estimators holding one pickle with joblib.
 """
@@ -104,7 +104,8 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     queries : ndarray of shape (n, d), float32, unit rows
     bank : MemoryBank
     sims, rows : ndarrays of shape (n, k + margin)
-        A search path's result, nearest first (rows -1 where missing).
+        A search path's result, nearest first: similarities and slots of
+        `bank` (:mod:`skmml.bank`), -1 where missing.
     k : int
     exact : bool
         Whether the search path was exhaustive (then the result is certified).
@@ -129,20 +130,22 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     involved[:, :-1] |= close[todo]
     involved[:, 1:] |= close[todo]
     scores, cand = sims[todo].copy(), rows[todo]
+    embeddings = bank.slot_embeddings
     q, j = np.nonzero(involved)
     for start in range(0, q.size, _RESCORE_BLOCK):  # bounded work memory
         b = slice(start, start + _RESCORE_BLOCK)
         scores[q[b], j[b]] = np.einsum("md,md->m", queries[todo[q[b]]],
-                                       bank.embeddings[cand[q[b], j[b]]])
+                                       embeddings[cand[q[b], j[b]]])
     top_scores, top_rows = _ordered(scores, cand, bank, k)
     out_sims[todo], out_rows[todo] = top_scores, top_rows
     if exact and rows.shape[1] > k:
         # Certificate: every item outside the candidates scores below the k-th.
         unsure = todo[~(sims[todo, -1] + 2 * eps < top_scores[:, k - 1])]
         for i in unsure:
-            candidates = np.flatnonzero(bank.embeddings @ queries[i]
-                                        >= out_sims[i, k - 1] - 4 * eps)
-            scores = np.einsum("d,nd->n", queries[i], bank.embeddings[candidates])
+            scores = embeddings @ queries[i]
+            scores[bank.dead_slots] = -np.inf
+            candidates = np.flatnonzero(scores >= out_sims[i, k - 1] - 4 * eps)
+            scores = np.einsum("d,nd->n", queries[i], embeddings[candidates])
             best_scores, best_rows = _ordered(scores[None, :], candidates[None, :], bank, k)
             out_sims[i], out_rows[i] = best_scores[0], best_rows[0]
     return out_sims, out_rows
@@ -152,20 +155,65 @@ def _ordered(scores, rows, bank, k):
     """The best `k` of each row by (-score, id); missing rows (-1) last."""
     found = rows >= 0
     scores = np.where(found, scores, -np.inf).astype(np.float32)
-    ids = np.where(found, bank.ids[np.maximum(rows, 0)], np.iinfo(np.int64).max)
+    ids = np.where(found, bank.slot_ids[np.maximum(rows, 0)], np.iinfo(np.int64).max)
     order = np.lexsort((ids, -scores), axis=1)[:, :k]
     return (np.take_along_axis(scores, order, axis=1),
             np.where(np.take_along_axis(found, order, axis=1),
                      np.take_along_axis(rows, order, axis=1), -1))
 
 
-def _top_k_small_batch(queries, embeddings, k):
-    """Exact top-k inner products of a few queries; same output as faiss.knn."""
-    sims = queries @ embeddings.T
-    top = np.argpartition(sims, -k, axis=1)[:, -k:]
-    top_sims = np.take_along_axis(sims, top, axis=1)
-    order = np.argsort(-top_sims, axis=1, kind="stable")
-    return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1)
+#: Most similarities (queries x slots) one block of :func:`_top_k_blas` holds.
+_BLAS_BLOCK = 1 << 25
+
+
+def _top_k_blas(queries, embeddings, k, dead):
+    """Exact top-k inner products by BLAS products, `dead` slots excluded.
+
+    One multi-threaded product per block of queries (at most
+    :data:`_BLAS_BLOCK` similarities each) and a partial sort; the output is
+    faiss.knn's (similarities nearest first, and slots).
+    """
+    n = queries.shape[0]
+    sims_out = np.empty((n, k), dtype=np.float32)
+    slots_out = np.empty((n, k), dtype=np.int64)
+    block = max(1, _BLAS_BLOCK // max(embeddings.shape[0], 1))
+    for start in range(0, n, block):
+        rows = slice(start, start + block)
+        sims = queries[rows] @ embeddings.T
+        sims[:, dead] = -np.inf
+        top = np.argpartition(sims, -k, axis=1)[:, -k:]
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1, kind="stable")
+        sims_out[rows] = np.take_along_axis(top_sims, order, axis=1)
+        slots_out[rows] = np.take_along_axis(top, order, axis=1)
+    return sims_out, slots_out
+
+
+def exact_search(queries, bank, k):
+    """Exact top-`k` inner products over the live slots of `bank`.
+
+    A few queries go to :func:`_top_k_blas`; more go to ``faiss.knn`` over
+    the bank's storage in place, which cannot skip slots: while some are
+    dead (forgotten, not yet compacted), it retrieves ``k`` plus a margin,
+    drops the dead, and the rare query left with fewer than ``k`` live
+    neighbours is searched again by :func:`_top_k_blas`.
+    """
+    embeddings, dead = bank.slot_embeddings, bank.dead_slots
+    if queries.shape[0] < SMALL_BATCH:
+        return _top_k_blas(queries, embeddings, k, dead)
+    if not dead.size:
+        return faiss.knn(queries, embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
+    extra = min(dead.size, max(k, 64))
+    sims, slots = faiss.knn(queries, embeddings, k + extra, metric=faiss.METRIC_INNER_PRODUCT)
+    pos = np.minimum(np.searchsorted(dead, slots), dead.size - 1)
+    live = dead[pos] != slots
+    first = np.argsort(~live, axis=1, kind="stable")[:, :k]  # the first k live, in order
+    sims = np.take_along_axis(sims, first, axis=1)
+    slots = np.take_along_axis(slots, first, axis=1)
+    short = np.flatnonzero(live.sum(axis=1) < k)
+    if short.size:
+        sims[short], slots[short] = _top_k_blas(queries[short], embeddings, k, dead)
+    return sims, slots
 
 
 class NeighborIndex:
@@ -186,8 +234,9 @@ class NeighborIndex:
 
     Notes
     -----
-    Exact search ("flat") reads the bank's embedding array in place (no copy)
-    with :func:`faiss.knn`. Other indexes are keyed by the bank's stable item
+    Exact search ("flat") reads the bank's storage in place (no copy) with
+    :func:`faiss.knn`, so following an added or forgotten item costs nothing
+    (:func:`exact_search`). Other indexes are keyed by the bank's stable item
     ids (IVF indexes natively, the others through :class:`faiss.IndexIDMap2`),
     so adding and removing items never renumbers; index types that cannot remove
     (HNSW) are rebuilt from the remaining items instead. GPU indexes cannot
@@ -199,8 +248,8 @@ class NeighborIndex:
     >>> from skmml import Memory, NeighborIndex
     >>> memory = Memory(np.eye(4), ["a", "b", "c", "d"], image_ids=[10, 11, 12, 13])
     >>> index = NeighborIndex("flat").build(memory.image)
-    >>> sims, rows = index.search(np.float32([[0.9, 0.1, 0, 0]]), 2)
-    >>> memory.image.ids[rows]
+    >>> sims, slots = index.search(np.float32([[0.9, 0.1, 0, 0]]), 2)
+    >>> memory.image.slot_ids[slots]
     array([[10, 11]])
     """
 
@@ -246,7 +295,7 @@ class NeighborIndex:
         return self
 
     def add(self, bank, n_new):
-        """A new index of `bank`, whose last `n_new` rows are new items.
+        """A new index of `bank`, whose last `n_new` slots are new items.
 
         This index is left as it is (searches may be running on it): exact
         search on the CPU just reads the new bank; a FAISS index is cloned
@@ -257,8 +306,8 @@ class NeighborIndex:
         if self.by_row_:
             return self._new().build(bank)
         index = faiss.clone_index(self.faiss_index_)
-        new = slice(len(bank) - n_new, len(bank))
-        index.add_with_ids(bank.embeddings[new], bank.ids[new])
+        new = slice(bank.n_slots - n_new, bank.n_slots)  # appended: the last slots
+        index.add_with_ids(bank.slot_embeddings[new], bank.slot_ids[new])
         return self._following(bank, index)
 
     def remove(self, bank, ids):
@@ -297,11 +346,13 @@ class NeighborIndex:
     # -- searching -------------------------------------------------------------------
 
     def search(self, queries, k, verbose=False):
-        """Return (similarities, rows) of the `k` nearest items of each query.
+        """Return (similarities, slots) of the `k` nearest items of each query.
 
-        `queries` are L2-normalised float32 rows. `rows` index the bank's
-        arrays; an approximate index that finds fewer than `k` items pads
-        with row -1 and similarity -inf. Neighbours come nearest first, and
+        `queries` are L2-normalised float32 rows. `slots` index the bank's
+        ``slot_*`` arrays (:mod:`skmml.bank`; they equal rows of its
+        ``embeddings``, ``ids``, ... while no item is forgotten and not yet
+        compacted); an approximate index that finds fewer than `k` items pads
+        with slot -1 and similarity -inf. Neighbours come nearest first, and
         equal similarities go to the lower memory id, on every search path
         and for every batch size (:func:`canonical_neighbours`). With
         `verbose`, 128 queries or more are searched in about 20 blocks under
@@ -329,20 +380,19 @@ class NeighborIndex:
                                     exact=self.index in ("flat", "Flat"))
 
     def _raw_search(self, queries, k):
+        bank = self.bank_
         if self.faiss_index_ is None:
-            if queries.shape[0] < SMALL_BATCH:
-                return _top_k_small_batch(queries, self.bank_.embeddings, k)
-            return faiss.knn(queries, self.bank_.embeddings, k,
-                             metric=faiss.METRIC_INNER_PRODUCT)
+            return exact_search(queries, bank, k)
         sims, labels = self.faiss_index_.search(queries, k)
         missing = labels < 0
+        slots = np.full(labels.shape, -1, dtype=np.int64)
         if self.by_row_:
-            rows = labels
+            found = labels[~missing]
+            slots[~missing] = bank.live_slots[found] if bank.dead_slots.size else found
         else:
-            rows = np.full(labels.shape, -1, dtype=np.int64)
-            rows[~missing] = self.bank_.rows_of(labels[~missing])
+            slots[~missing] = bank.slots_of(labels[~missing])[0]
         sims[missing] = -np.inf
-        return sims, rows
+        return sims, slots
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -59,12 +59,12 @@ def test_removed_items_never_come_back_and_rows_follow_stable_ids(bank, queries,
     np.testing.assert_array_equal(old.search(queries, 3)[1], rows)
     np.testing.assert_array_equal(old.search(queries, 3)[0], old_sims)
     _, new_rows = index.search(queries, 3)
-    found_ids = memory.image.ids[new_rows]
+    found_ids = memory.image.slot_ids[new_rows]
     assert not np.isin(found_ids, gone).any()
     # Rows point at the right items of the new bank: their ids are unchanged
     # (PQ similarities are approximate, so only exact vectors compare).
     if spec != "ivfpq":
-        sims_new = np.einsum("qd,qkd->qk", queries, memory.image.embeddings[new_rows])
+        sims_new = np.einsum("qd,qkd->qk", queries, memory.image.slot_embeddings[new_rows])
         np.testing.assert_allclose(index.search(queries, 3)[0], sims_new, rtol=1e-4, atol=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_added_items_are_found_by_id(bank, spec):
     memory = Memory._from_banks(bank, None).add(rng.normal(size=(3, 16)), [9, 9, 9])
     index = old.add(memory.image, 3)
     _, rows = index.search(memory.image.embeddings[-3:], 1)
-    np.testing.assert_array_equal(memory.image.ids[rows[:, 0]], [800, 801, 802])
+    np.testing.assert_array_equal(memory.image.slot_ids[rows[:, 0]], [800, 801, 802])
     # The old index never sees the new items.
     _, old_rows = old.search(memory.image.embeddings[-3:], 5)
     assert old_rows.max() < len(bank)
@@ -126,7 +126,7 @@ def test_gpu_index_matches_cpu_and_survives_pickling(bank, queries, spec, tmp_pa
     np.testing.assert_array_equal(loaded.search(queries, 5)[1], gpu.search(queries, 5)[1])
     memory = Memory._from_banks(bank, None).remove([int(bank.ids[0])])
     gpu = gpu.remove(memory.image, [int(bank.ids[0])])
-    assert not np.isin(memory.image.ids[gpu.search(queries, 5)[1]], [bank.ids[0]]).any()
+    assert not np.isin(memory.image.slot_ids[gpu.search(queries, 5)[1]], [bank.ids[0]]).any()
 
 
 def test_verbose_search_shows_progress_and_gives_the_same_result(bank, capsys):
