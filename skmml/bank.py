@@ -298,7 +298,7 @@ class MemoryBank:
         """Return a new bank with the items at `rows`, in that order."""
         slots = self.live_slots[rows] if self._dead.size else np.asarray(rows)
         return MemoryBank(
-            self._store.embeddings[slots],
+            np.take(self._store.embeddings, slots, axis=0),
             self._store.labels[slots],
             self._store.ids[slots],
             self.metadata_at(slots),
@@ -306,7 +306,12 @@ class MemoryBank:
 
     def compacted(self):
         """This bank without dead slots (itself when it has none)."""
-        return self.take(np.arange(len(self))) if self._dead.size else self
+        if not self._dead.size:
+            return self
+        bank = self.take(np.arange(len(self)))
+        if "_class_counts" in self.__dict__:
+            bank.__dict__["_class_counts"] = self._class_counts
+        return bank
 
     def append(self, other):
         """A new version with `other`'s items after this bank's (O(len(other)), amortised).
