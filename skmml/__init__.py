@@ -6,6 +6,7 @@ from .display import ExplanationDisplay
 from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder
 from .knn import KNNVoteClassifier
 from .memory import Memory
+from .milvus import MilvusMemory
 from .mml import MemoryModularClassifier
 from .retrieval import NeighborIndex
 from .zero_shot import ZeroShotCLIPClassifier
@@ -20,6 +21,7 @@ __all__ = [
     "Memory",
     "MemoryBank",
     "MemoryModularClassifier",
+    "MilvusMemory",
     "NeighborIndex",
     "TimmImageEncoder",
     "ZeroShotCLIPClassifier",

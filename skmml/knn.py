@@ -11,8 +11,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._state import State, publish, validate_aside, writer_lock
 from ._validation import check_n_neighbors, l2_normalize
+from .backends import LocalBackend
 from .memory import Memory
-from .pruning import PRUNING_MODES, item_weights, leave_one_out_neighbors, wrong_neighbor_counts
+from .milvus import MilvusMemory
+from .pruning import PRUNING_MODES, item_weights, wrong_neighbor_counts
 from .retrieval import NeighborIndex
 from .voting import VOTING_SCHEMES, staged_winners, tally, vote_weights
 
@@ -129,7 +131,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         "index_params": [dict, None],
         "index_device": [StrOptions({"auto", "cpu", "cuda"})],
         "verbose": ["verbose"],
-        "memory": [Memory, None],
+        "memory": [Memory, MilvusMemory, None],
     }
 
     def __init__(
@@ -179,17 +181,16 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             if self.memory is None:
                 (X, y), metadata = validate_aside(self, X, y, dtype=np.float32, order="C")
                 check_classification_targets(y)
-                memory = Memory(X, y)
+                backend = self._backend(Memory(X, y))
             else:
-                memory = self.memory
                 X, metadata = validate_aside(self, X, dtype=np.float32, order="C")
-                if X.shape[1] != memory.n_features:
+                backend = self._backend(self.memory)
+                if X.shape[1] != backend.n_features:
                     raise ValueError(
                         f"X has {X.shape[1]} features but the memory holds "
-                        f"{memory.n_features}-dimensional embeddings."
+                        f"{backend.n_features}-dimensional embeddings."
                     )
-            index = self._new_index().build(_image_bank(memory))
-            self._adopt(memory, index, pruning=None, metadata=metadata)
+            self._adopt(backend, pruning=None, metadata=metadata)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -225,13 +226,12 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
                 if unknown.size:
                     raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
             if first:
-                memory = Memory(X, y) if self.memory is None else self.memory.add(X, y)
-                self._adopt(memory, self._new_index().build(_image_bank(memory)), pruning=None,
-                            metadata=metadata)
+                backend = (self._backend(Memory(X, y)) if self.memory is None
+                           else self._backend(self.memory).add(X, y))
+                self._adopt(backend, pruning=None, metadata=metadata)
             else:
                 state = self._state
-                memory = state.memory.add(X, y)
-                self._adopt(memory, state.index.add(memory.image, X.shape[0]), state.pruning)
+                self._adopt(state.backend.add(X, y), state.pruning)
         return self
 
     def set_memory(self, memory, mode="replace", *, reassign_ids=False):
@@ -239,9 +239,11 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
 
         Parameters
         ----------
-        memory : Memory
-            The new memory (``mode="replace"``) or the items to add
-            (``mode="expand"``; ids must not clash with the current memory's).
+        memory : Memory or MilvusMemory
+            The new memory (``mode="replace"``), or the items to add
+            (``mode="expand"``: a :class:`Memory`, whose ids must not clash
+            with the current memory's). A :class:`~skmml.MilvusMemory` is
+            searched where it lives; see :ref:`scale`.
         mode : {"replace", "expand"}, default="replace"
             Replace builds a new index; expand indexes only the added items.
         reassign_ids : bool, default=False
@@ -253,22 +255,21 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         self : KNNVoteClassifier
         """
         self._validate_params()
-        if not isinstance(memory, Memory):
-            raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
         with writer_lock(self):
             if mode == "expand":
+                if not isinstance(memory, Memory):
+                    raise TypeError("set_memory(mode='expand') adds the items of a Memory, got "
+                                    f"{type(memory).__name__}.")
                 state = self._read_state()
-                new = state.memory.expand(memory, reassign_ids=reassign_ids)
-                n_new = len(new.image) - len(state.memory.image)
-                self._adopt(new, state.index.add(new.image, n_new), state.pruning)
+                self._adopt(state.backend.expand(memory, reassign_ids), state.pruning)
             elif mode == "replace":
                 if reassign_ids:
                     raise ValueError("reassign_ids=True applies to mode='expand' only.")
-                index = self._new_index().build(_image_bank(memory))
+                backend = self._backend(memory)
                 state = getattr(self, "_state", None)
-                same = getattr(self, "n_features_in_", None) == memory.n_features
-                self._adopt(memory, index, None if state is None else state.pruning,
-                            metadata={"n_features_in_": memory.n_features,
+                same = getattr(self, "n_features_in_", None) == backend.n_features
+                self._adopt(backend, None if state is None else state.pruning,
+                            metadata={"n_features_in_": backend.n_features,
                                       "feature_names_in_": getattr(
                                           self, "feature_names_in_", None) if same else None})
             else:
@@ -290,41 +291,39 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         with writer_lock(self):
             state = self._read_state()
             ids = np.unique(np.asarray(ids, dtype=np.int64))
-            memory = state.memory.remove(ids)
-            bank = _image_bank(memory, "forget() would leave the memory without image items")
-            if state.pruning is not None:
-                self._check_k(state.pruning["n_neighbors"] + 1, len(bank))
-            removed = ids[state.memory.image.contains(ids)]
-            self._adopt(memory, state.index.remove(bank, removed), state.pruning)
+            self._adopt(state.backend.remove(ids), state.pruning)
         return self
 
-    def _new_index(self):
-        return NeighborIndex(self.index, self.index_params, self.index_device)
+    def _backend(self, memory):
+        """The backend of `memory`: FAISS over an in-RAM Memory, or its Milvus collection."""
+        if isinstance(memory, Memory):
+            return LocalBackend.build(
+                memory, NeighborIndex(self.index, self.index_params, self.index_device))
+        if isinstance(memory, MilvusMemory):
+            return memory.backend()
+        raise TypeError(f"set_memory() needs a Memory or a MilvusMemory, got "
+                        f"{type(memory).__name__}.")
 
-    def _adopt(self, memory, index, pruning, metadata=None):
-        """Make `memory` (indexed by `index`) the estimator's memory, in one step.
+    def _adopt(self, backend, pruning, metadata=None):
+        """Make `backend`'s memory the estimator's memory, in one step.
 
         Pruning, when on, is recomputed for the new memory before anything is
         published (see :mod:`skmml._state`); with `metadata` (input metadata
         from :func:`~skmml._state.validate_aside`), the expected queries
         change in the same step.
         """
-        bank = memory.image
-        classes, counts = bank.classes, None
+        counts = None
         if pruning is not None:
-            self._check_k(pruning["n_neighbors"] + 1, len(bank))
-            counts = wrong_neighbor_counts(index, bank, _slot_codes(classes, bank),
-                                           pruning["n_neighbors"], bool(self.verbose))
-        self._publish(State(memory=memory, index=index, classes=classes), pruning, counts,
+            self._check_k(pruning["n_neighbors"] + 1, backend.n_items)
+            counts = wrong_neighbor_counts(backend, pruning["n_neighbors"], bool(self.verbose))
+        self._publish(State(backend=backend, classes=backend.classes), pruning, counts,
                       metadata)
 
     def _publish(self, state, pruning, counts, metadata=None):
         """Publish `state` with its pruning and the public attributes, in one step."""
-        weights = None if counts is None else item_weights(
-            counts, pruning["mode"], pruning["threshold"])
-        state = state.replace(pruning=pruning, wrong_counts=counts, item_weight=weights)
-        publish(self, state, memory_=state.memory, classes_=state.classes, pruning_=pruning,
-                **(metadata or {}))
+        state = state.replace(pruning=pruning, wrong_counts=counts)
+        publish(self, state, memory_=state.backend.memory, classes_=state.classes,
+                pruning_=pruning, **(metadata or {}))
 
     def _read_state(self):
         """The published state, for a read (or a writer that derives the next one)."""
@@ -365,10 +364,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         with writer_lock(self):
             state = self._read_state()
             k = self.n_neighbors if n_neighbors is None else n_neighbors
-            bank = state.memory.image
-            self._check_k(k + 1, len(bank))
-            counts = wrong_neighbor_counts(state.index, bank, _slot_codes(state.classes, bank),
-                                           k, bool(self.verbose))
+            self._check_k(k + 1, state.backend.n_items)
+            counts = wrong_neighbor_counts(state.backend, k, bool(self.verbose))
             pruning = {"mode": mode, "threshold": threshold, "n_neighbors": k}
             self._publish(state, pruning, counts)
         return self
@@ -392,47 +389,58 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         state = self._read_state()
         if state.pruning is None:
             raise ValueError("Pruning is off; call prune() first.")
-        bank = state.memory.image
-        live = bank.live_slots
+        keys, ids, labels = state.backend.items(
+            None if state.backend.lists_all_items else state.wrong_counts.keys)
+        counts = state.wrong_counts[keys]
+        weights = item_weights(counts, state.pruning["mode"], state.pruning["threshold"])
         report = pd.DataFrame({
-            "id": bank.ids,
-            "label": bank.labels,
-            "wrong_count": state.wrong_counts[live],
-            "weight": state.item_weight[live],
-            "excluded": state.item_weight[live] == 0,
+            "id": ids,
+            "label": labels,
+            "wrong_count": counts,
+            "weight": weights,
+            "excluded": weights == 0,
         })
         return report.sort_values("wrong_count", ascending=False, kind="stable")
 
     # -- prediction --------------------------------------------------------------------
 
     def _search(self, X, k=None):
-        """(state, similarities, slots): one snapshot for the whole read."""
+        """(state, neighbours): one snapshot for the whole read."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
         state = self._state
-        if X.shape[1] != state.memory.n_features:
+        if X.shape[1] != state.backend.n_features:
             # A memory of another width was published after validation: the
             # read sees the new memory, so it fails as it would have after.
             validate_data(self, X, reset=False)
         k = self.n_neighbors if k is None else k
-        self._check_k(k, len(state.memory.image))
-        sims, slots = state.index.search(l2_normalize(X), k, verbose=bool(self.verbose))
-        return state, sims, slots
+        self._check_k(k, state.backend.n_items)
+        return state, state.backend.search(l2_normalize(X), k, verbose=bool(self.verbose))
 
     @staticmethod
     def _check_k(k, n_items):
         check_n_neighbors(k, n_items)
 
-    def _vote(self, state, sims, slots):
-        """Class codes, final vote weights and per-prefix winners of each query."""
-        found = slots >= 0
-        safe = np.where(found, slots, 0)
-        codes = np.searchsorted(state.classes, state.memory.image.slot_labels[safe])
+    def _vote(self, state, neighbours):
+        """Class codes, final vote weights and per-prefix winners of each query.
+
+        A neighbour whose class is not in the state's class list (an item a
+        concurrent writer put into a shared Milvus collection, with a new
+        class the state has not published yet) counts as not found.
+        """
+        sims, keys = neighbours.sims, neighbours.keys
+        classes = state.classes
+        codes = np.minimum(np.searchsorted(classes, neighbours.labels), len(classes) - 1)
+        found = (keys >= 0) & (classes[codes] == neighbours.labels)
         hard = state.pruning is not None and state.pruning["mode"] == "hard"
-        kept = found & (state.item_weight[safe] > 0) if hard else found
+        item_weight = None
+        if state.pruning is not None:
+            item_weight = item_weights(state.wrong_counts[keys], state.pruning["mode"],
+                                       state.pruning["threshold"])
+        kept = found & (item_weight > 0) if hard else found
         weights = self._weights(sims, kept)
         if state.pruning is not None and not hard:
-            weights *= state.item_weight[safe]
+            weights *= item_weight
         winners = staged_winners(codes, weights, kept)
         if hard:
             # Where a prefix holds only excluded items, exclusion is off for it.
@@ -471,8 +479,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         y : ndarray of shape (n_queries,)
         """
-        state, sims, slots = self._search(X)
-        codes, _, winners = self._vote(state, sims, slots)
+        state, neighbours = self._search(X)
+        codes, _, winners = self._vote(state, neighbours)
         return state.classes[self._winning_codes(codes, winners[:, -1:])[:, 0]]
 
     def staged_predict(self, X):
@@ -491,8 +499,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         y : ndarray of shape (n_queries,)
             Predictions with the ``k`` nearest neighbours, for ``k = 1, 2, ...``.
         """
-        state, sims, slots = self._search(X)
-        codes, _, winners = self._vote(state, sims, slots)
+        state, neighbours = self._search(X)
+        codes, _, winners = self._vote(state, neighbours)
         labels = state.classes[self._winning_codes(codes, winners)]
         for k in range(labels.shape[1]):
             yield labels[:, k]
@@ -513,8 +521,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_queries, n_classes)
             Columns follow ``classes_``.
         """
-        state, sims, slots = self._search(X)
-        codes, weights, winners = self._vote(state, sims, slots)
+        state, neighbours = self._search(X)
+        codes, weights, winners = self._vote(state, neighbours)
         votes = tally(codes, weights, len(state.classes))
         total = votes.sum(axis=1)
         empty = total == 0
@@ -549,12 +557,13 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if X is None:
             state = self._read_state()
-            bank = state.memory.image
-            self._check_k(k + 1, len(bank))
-            sims, slots = leave_one_out_neighbors(state.index, bank, k, bool(self.verbose))
+            self._check_k(k + 1, state.backend.n_items)
+            batches = [nb for _, _, nb in state.backend.leave_one_out(k, bool(self.verbose))]
+            sims = np.concatenate([nb.sims for nb in batches])
+            ids = np.concatenate([nb.ids for nb in batches])
         else:
-            state, sims, slots = self._search(X, k)
-        ids = np.where(slots >= 0, state.memory.image.slot_ids[np.maximum(slots, 0)], -1)
+            _, neighbours = self._search(X, k)
+            sims, ids = neighbours.sims, neighbours.ids
         return (1.0 - sims, ids) if return_distance else ids
 
     def explain(self, X):
@@ -573,32 +582,29 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
             it cast; 0 for an item excluded by hard pruning), then the
             item's metadata columns.
         """
-        state, sims, slots = self._search(X)
-        _, weights, _ = self._vote(state, sims, slots)
-        n, k = slots.shape
-        found = (slots >= 0).ravel()
-        slots = slots.ravel()[found]
-        bank = state.memory.image
+        state, neighbours = self._search(X)
+        _, weights, _ = self._vote(state, neighbours)
+        n, k = neighbours.keys.shape
+        found = (neighbours.keys >= 0).ravel()
         table = pd.DataFrame({
             "query": np.repeat(np.arange(n), k)[found],
             "rank": np.tile(np.arange(k), n)[found],
-            "id": bank.slot_ids[slots],
-            "label": bank.slot_labels[slots],
-            "similarity": sims.ravel()[found],
+            "id": neighbours.ids.ravel()[found],
+            "label": neighbours.labels.ravel()[found],
+            "similarity": neighbours.sims.ravel()[found],
             "weight": weights.ravel()[found],
         })
-        metadata = bank.metadata_at(slots)
+        metadata = state.backend.metadata(neighbours.keys.ravel()[found])
         return pd.concat([table, metadata], axis=1) if metadata.shape[1] else table
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: never alter the live estimator
         published = state.get("_state")
         if published is not None and published.pruning is not None:
-            # A bank pickles its live items only (forgotten ones never reach a
-            # file), renumbered from slot 0: so do the per-slot pruning arrays.
-            live = published.memory.image.live_slots
-            state["_state"] = published.replace(wrong_counts=published.wrong_counts[live],
-                                                item_weight=published.item_weight[live])
+            # An in-RAM bank pickles its live items only (forgotten ones never
+            # reach a file), renumbered from slot 0: so do the pruning counts.
+            state["_state"] = published.replace(
+                wrong_counts=published.backend.for_pickle(published.wrong_counts))
         return state
 
     def __sklearn_tags__(self):
@@ -609,12 +615,3 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
 
-def _slot_codes(classes, bank):
-    """Class index of each slot of `bank` (dead slots included; pruning is O(n) anyway)."""
-    return np.searchsorted(classes, bank.slot_labels)
-
-
-def _image_bank(memory, message="The memory has no image items to vote with."):
-    if not len(memory.image):
-        raise ValueError(message)
-    return memory.image

@@ -10,39 +10,20 @@ label differs from the query's is charged one *wrong-neighbour* count.
 
 import numpy as np
 
-from .retrieval import drop_self
+from .backends import KeyCounts
 
 PRUNING_MODES = ("hard", "soft")
 SOFT_PRUNING_SCALE = 1.75
 
 
-def leave_one_out_neighbors(index, bank, n_neighbors, verbose=False):
-    """Slots of the `n_neighbors` nearest other items of every item of `bank`.
-
-    Searches ``n_neighbors + 1`` and drops the item itself (see
-    :func:`~skmml.retrieval.drop_self`).
-
-    Returns
-    -------
-    similarities, slots : ndarrays of shape (n_items, n_neighbors)
-        One row per item, in row order; slots as :meth:`NeighborIndex.search`
-        returns them.
-    """
-    sims, slots = index.search(bank.embeddings, n_neighbors + 1, verbose=verbose)
-    return drop_self(sims, slots, slots == bank.live_slots[:, None])
-
-
-def wrong_neighbor_counts(index, bank, codes, n_neighbors, verbose=False):
-    """How often each item of `bank` is a neighbour of an item of another class.
+def wrong_neighbor_counts(backend, n_neighbors, verbose=False):
+    """How often each memory item is a neighbour of an item of another class.
 
     Parameters
     ----------
-    index : NeighborIndex
-        Index over `bank`.
-    bank : MemoryBank
-        The memory items.
-    codes : ndarray of shape (n_slots,)
-        Class index of each slot of `bank`.
+    backend : LocalBackend or MilvusBackend
+        The memory (see :mod:`skmml.backends`); its items query it
+        leave-one-out, in batches.
     n_neighbors : int
         Neighbours per leave-one-out query.
     verbose : bool, default=False
@@ -50,13 +31,14 @@ def wrong_neighbor_counts(index, bank, codes, n_neighbors, verbose=False):
 
     Returns
     -------
-    counts : ndarray of shape (n_slots,), int64
-        Per slot (0 for dead slots).
+    counts : KeyCounts
+        Counts by backend key; items not listed count 0.
     """
-    _, slots = leave_one_out_neighbors(index, bank, n_neighbors, verbose)
-    found = slots >= 0
-    wrong = found & (codes[np.where(found, slots, 0)] != codes[bank.live_slots][:, None])
-    return np.bincount(slots[wrong], minlength=bank.n_slots).astype(np.int64)
+    parts = []
+    for _, query_labels, neighbours in backend.leave_one_out(n_neighbors, verbose):
+        wrong = (neighbours.keys >= 0) & (neighbours.labels != query_labels[:, None])
+        parts.append(np.unique(neighbours.keys[wrong], return_counts=True))
+    return KeyCounts.merged(parts)
 
 
 def item_weights(counts, mode, threshold):

@@ -1,0 +1,751 @@
+"""A memory held in Milvus: for memories beyond one machine.
+
+:class:`MilvusMemory` is a handle on a Milvus collection (Milvus Lite, a
+file-backed embedded engine, or a Milvus server) that holds a memory's items:
+one row per item with its id, embedding, label, modality and metadata. The
+classifiers search it where it lives through :class:`MilvusBackend` (the
+same narrow interface as the in-RAM :class:`~skmml.backends.LocalBackend`):
+the client holds no embeddings, only what is small (the class counts, the
+connection description, and pruning counts of the items that have one).
+
+Needs ``pip install "skmml[milvus]"`` (pymilvus and milvus-lite).
+"""
+
+import functools
+import json
+import logging
+import os
+import threading
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ._validation import check_embeddings, check_ids, check_labels, check_nonzero_rows
+from ._validation import l2_normalize
+from .backends import KeyCounts, Neighbours
+from .retrieval import drop_self
+
+#: Modality codes in the collection's ``modality`` field.
+MODALITY_CODES = {"image": 0, "text": 1}
+#: Index types a collection may be built with (IVF_PQ and DISKANN on a server).
+INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN")
+#: Milvus's largest top-k.
+MAX_TOP_K = 16384
+#: Longest string label a collection stores.
+MAX_LABEL_LENGTH = 1024
+#: Where the token comes from when the ``token`` parameter is not given.
+TOKEN_ENV = "MILVUS_TOKEN"
+
+_FORMAT = "skmml.MilvusMemory"
+_ALLOCATOR_SUFFIX = "__skmml_ids"
+#: Collection property holding the layout (labels' type, id base).
+_LAYOUT_KEY = "skmml.layout"
+
+
+def _pymilvus():
+    try:
+        import pymilvus
+    except ImportError:
+        raise ImportError(
+            'MilvusMemory needs pymilvus and milvus-lite: pip install "skmml[milvus]"'
+        ) from None
+    _quiet_benign_logs()
+    return pymilvus
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.starts)
+
+
+@functools.cache
+def _quiet_benign_logs():
+    """Silence two messages Milvus Lite causes on every streamed read, which are harmless.
+
+    Lite's in-process server does not implement the timestamp call that
+    pymilvus's query iterator makes first; pymilvus then falls back to a
+    client-side timestamp (correct here: Lite reads its own writes).
+    """
+    logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(
+        _DropMessages("failed to get mvccTs"))
+    logging.getLogger("grpc._server").addFilter(
+        _DropMessages("Exception calling application: Method not implemented"))
+
+
+class MilvusMemory:
+    """A memory held in a Milvus collection: a handle on shared, mutable state.
+
+    Open an existing collection with ``MilvusMemory(uri, collection)``, or
+    create one from an in-RAM memory with :meth:`from_memory`. Give it to a
+    classifier as its memory (``KNNVoteClassifier().set_memory(mm)``): it
+    searches the collection, and ``partial_fit`` / ``forget`` write to it.
+
+    Unlike the immutable :class:`~skmml.Memory`, a ``MilvusMemory`` is shared
+    state: every classifier attached to the collection, in this process or
+    another, sees every write (``partial_fit`` on any of them changes the
+    memory of all of them), and :func:`~sklearn.base.clone`,
+    ``copy.deepcopy`` and ``GridSearchCV`` share the handle instead of
+    copying a memory. It pickles as its connection description (no token,
+    no embeddings) and reconnects when first used after unpickling.
+
+    Parameters
+    ----------
+    uri : str
+        A Milvus Lite path (``"./photos.db"``; embedded, one process at a
+        time) or a server URL (``"http://host:19530"``).
+    collection : str
+        Collection name.
+    token : str, default=None
+        ``"user:password"`` or an API key for a server with authentication.
+        None reads the ``MILVUS_TOKEN`` environment variable. Never pickled
+        nor shown.
+    search_params : dict, default=None
+        Search parameters of the collection's index, e.g. ``{"nprobe": 32}``
+        (IVF) or ``{"ef": 128}`` (HNSW).
+    consistency : {"Strong", "Bounded", "Session", "Eventually"}, default="Strong"
+        Milvus consistency level of every read. "Strong" makes each insert
+        and delete visible to the very next search (exact unlearning); the
+        others are faster on a server but may answer from a state a few
+        seconds old.
+    timeout : float, default=10.0
+        Seconds to wait for the server before failing.
+    batch_size : int, default=4096
+        Rows per insert call and per page when streaming the collection.
+
+    Attributes
+    ----------
+    n_features : int
+        Embedding dimension.
+    index_type : str
+        The collection's index type ("FLAT" for exact search).
+
+    See Also
+    --------
+    skmml.Memory : the in-RAM memory, immutable.
+
+    Notes
+    -----
+    **Ids.** Items keep the int64 ids they had in the in-RAM memory. New
+    items (``partial_fit``, :meth:`add` without ids) get ids that no other
+    client can also get: each call reserves them by inserting placeholder
+    rows into a companion collection with Milvus-generated primary keys
+    (``<collection>__skmml_ids``), unique across clients; the ids are those
+    keys plus the collection's id base (one more than the largest id at
+    creation).
+
+    **Consistency.** Milvus's default level (Bounded) hides recent inserts
+    and deletes from the next search; this handle reads with "Strong" unless
+    told otherwise, so a forgotten item never votes again.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from skmml import KNNVoteClassifier, Memory, MilvusMemory
+    >>> rng = np.random.default_rng(0)
+    >>> memory = Memory(rng.normal(size=(60, 8)), np.arange(60) % 3)
+    >>> path = os.path.join(tempfile.mkdtemp(), "photos.db")
+    >>> mm = MilvusMemory.from_memory(memory, uri=path, collection="photos")
+    >>> mm
+    MilvusMemory(uri='...photos.db', collection='photos', index_type='FLAT')
+    >>> clf = KNNVoteClassifier(n_neighbors=5).set_memory(mm)
+    >>> clf.predict(memory.image.embeddings[:3])
+    array([0, 1, 2])
+    >>> clf.forget([0]).kneighbors(memory.image.embeddings[:1], 2)[1]
+    array([[44,  4]])
+    >>> mm.close()
+    """
+
+    def __init__(self, uri, collection, *, token=None, search_params=None,
+                 consistency="Strong", timeout=10.0, batch_size=4096):
+        self.uri = os.fspath(uri)
+        self.collection = collection
+        self.search_params = dict(search_params or {})
+        self.consistency = consistency
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self._token = token
+        self._lock = threading.RLock()
+        self._client_ = None
+        self._describe()
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _where(self):
+        return f"Milvus collection {self.collection!r} at {self.uri}"
+
+    def _client(self):
+        with self._lock:
+            if self._client_ is None:
+                self._client_ = _connect(self.uri, self._token, self.timeout)
+            return self._client_
+
+    def _call(self, what, fn, *args, **kwargs):
+        """Run a client call; a Milvus error becomes one that names the collection."""
+        pymilvus = _pymilvus()
+        try:
+            return fn(*args, **kwargs)
+        except pymilvus.exceptions.MilvusException as exc:
+            raise RuntimeError(f"{what} failed on {self._where()}: "
+                               f"{getattr(exc, 'message', exc)}") from None
+
+    def close(self):
+        """Close the connection (it reopens on next use)."""
+        with self._lock:
+            if self._client_ is not None:
+                self._client_.close()
+                self._client_ = None
+
+    def _describe(self):
+        """Check the collection is a skmml memory and read its layout."""
+        client = self._client()
+        pymilvus = _pymilvus()
+        try:
+            exists = client.has_collection(self.collection, timeout=self.timeout)
+        except pymilvus.exceptions.MilvusException as exc:
+            raise _connection_error(self.uri, self.collection, exc) from None
+        if not exists:
+            raise ValueError(
+                f"{self._where()} does not exist: create it with "
+                "MilvusMemory.from_memory(memory, uri, collection)."
+            )
+        info = self._call("describe_collection", client.describe_collection, self.collection)
+        try:
+            layout = json.loads((info.get("properties") or {}).get(_LAYOUT_KEY) or "{}")
+        except ValueError:
+            layout = {}
+        if layout.get("format") != _FORMAT:
+            raise ValueError(f"{self._where()} was not created by skmml "
+                             "(MilvusMemory.from_memory).")
+        fields = {f["name"]: f for f in info["fields"]}
+        self.n_features = int(fields["embedding"]["params"]["dim"])
+        self._labels_kind = layout["labels"]
+        self._id_base = int(layout["id_base"])
+        indexes = self._call("describe_index", client.describe_index, self.collection,
+                             "embedding")
+        metric = (indexes or {}).get("metric_type")
+        if metric != "IP":
+            raise ValueError(
+                f"{self._where()} indexes its embeddings with metric {metric}; skmml needs "
+                "IP (inner product of L2-normalised embeddings, i.e. cosine)."
+            )
+        self.index_type = indexes.get("index_type", "FLAT")
+        self._call("load_collection", client.load_collection, self.collection)
+        self._counts = None
+
+    # -- creating ------------------------------------------------------------------------
+
+    @classmethod
+    def from_memory(cls, memory, uri, collection, *, token=None, index_type="FLAT",
+                    index_params=None, search_params=None, consistency="Strong",
+                    timeout=10.0, batch_size=4096, verbose=0):
+        """Create `collection` at `uri` holding `memory`'s items (both modalities).
+
+        The import is all-or-nothing: if any batch fails, the collection is
+        dropped and the error raised.
+
+        Parameters
+        ----------
+        memory : Memory
+            The items to import; their ids, labels and metadata are kept.
+            Labels must be integers or strings.
+        uri, collection, token, search_params, consistency, timeout, batch_size
+            As for :class:`MilvusMemory`.
+        index_type : str, default="FLAT"
+            One of "FLAT" (exact), "IVF_FLAT", "IVF_SQ8", "HNSW", and on a
+            server "IVF_PQ" and "DISKANN" (Milvus Lite searches those by
+            brute force).
+        index_params : dict, default=None
+            Build parameters, e.g. ``{"nlist": 1024}`` or ``{"M": 16,
+            "efConstruction": 200}``.
+        verbose : int, default=0
+            Show a progress bar over the import.
+
+        Returns
+        -------
+        MilvusMemory
+        """
+        from .memory import Memory
+
+        if not isinstance(memory, Memory):
+            raise TypeError(f"from_memory() needs a Memory, got {type(memory).__name__}.")
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}.")
+        if not len(memory):
+            raise ValueError("Cannot create a Milvus memory from an empty Memory.")
+        labels_kind = _labels_kind(memory.classes)
+        pymilvus = _pymilvus()
+        client = _connect(os.fspath(uri), token, timeout)
+        where = f"Milvus collection {collection!r} at {os.fspath(uri)}"
+        try:
+            if client.has_collection(collection, timeout=timeout):
+                raise ValueError(f"{where} already exists: open it with "
+                                 "MilvusMemory(uri, collection), or drop it first.")
+            _create_collection(client, collection, memory.n_features, labels_kind,
+                               int(memory.ids.max()) + 1, index_type, index_params or {})
+        except pymilvus.exceptions.MilvusException as exc:
+            client.close()
+            raise _connection_error(os.fspath(uri), collection, exc) from None
+        try:
+            with tqdm(total=len(memory), desc="importing", unit="item",
+                      disable=not verbose) as bar:
+                for modality in MODALITY_CODES:
+                    bank = memory.bank(modality)
+                    for start in range(0, len(bank), batch_size):
+                        rows = slice(start, start + batch_size)
+                        client.insert(collection, _rows(
+                            bank.ids[rows], bank.embeddings[rows], bank.labels[rows],
+                            modality, bank.metadata.iloc[rows]))
+                        bar.update(len(bank.ids[rows]))
+        except BaseException:
+            for name in (collection, collection + _ALLOCATOR_SUFFIX):
+                client.drop_collection(name)
+            client.close()
+            raise
+        client.close()
+        return cls(uri, collection, token=token, search_params=search_params,
+                   consistency=consistency, timeout=timeout, batch_size=batch_size)
+
+    # -- what it holds -------------------------------------------------------------------
+
+    def counts(self):
+        """Number of image and text items per class, as a DataFrame.
+
+        Read from the collection once per handle (a scan of the label
+        field), then kept up to date by this handle's writes; writes of other
+        clients show after :meth:`refresh`.
+        """
+        counts = self._class_counts()
+        table = pd.DataFrame({m: pd.Series(c, dtype=np.int64) for m, c in counts.items()})
+        table = table.fillna(0).astype(np.int64).sort_index()
+        table.index.name = "class"
+        return table
+
+    @property
+    def classes(self):
+        """Sorted labels of the classes with at least one item."""
+        return _classes(self._class_counts(), self._labels_kind)
+
+    def n_items(self, modality="image"):
+        """Number of items of `modality`."""
+        return int(sum(self._class_counts()[modality].values()))
+
+    def __len__(self):
+        return self.n_items("image") + self.n_items("text")
+
+    def refresh(self):
+        """Forget cached class counts (re-read on next use): after other clients' writes."""
+        with self._lock:
+            self._counts = None
+        return self
+
+    def _class_counts(self):
+        with self._lock:
+            if self._counts is None:
+                counts = {m: {} for m in MODALITY_CODES}
+                names = {code: m for m, code in MODALITY_CODES.items()}
+                for batch in self._scan(["label", "modality"]):
+                    for row in batch:
+                        bucket = counts[names[row["modality"]]]
+                        bucket[row["label"]] = bucket.get(row["label"], 0) + 1
+                self._counts = counts
+            return self._counts
+
+    def _scan(self, fields, modality=None):
+        """Pages of rows (dicts with `fields` and "id"), streamed from the collection."""
+        client = self._client()
+        where = "" if modality is None else f"modality == {MODALITY_CODES[modality]}"
+        iterator = self._call("query_iterator", client.query_iterator, self.collection,
+                              batch_size=self.batch_size, filter=where,
+                              output_fields=list(fields))
+        try:
+            while True:
+                page = self._call("query_iterator.next", iterator.next)
+                if not page:
+                    return
+                yield page
+        finally:
+            iterator.close()
+
+    def to_memory(self):
+        """Export every item to an in-RAM :class:`~skmml.Memory` (for memories that fit)."""
+        from .memory import Memory
+
+        given = {}
+        for modality in MODALITY_CODES:
+            ids, embeddings, labels, metadata = [], [], [], []
+            for page in self._scan(["embedding", "label", "metadata"], modality):
+                ids.extend(row["id"] for row in page)
+                embeddings.extend(row["embedding"] for row in page)
+                labels.extend(row["label"] for row in page)
+                metadata.extend(row.get("metadata") or {} for row in page)
+            if ids:
+                given[f"{modality}_embeddings"] = np.asarray(embeddings, dtype=np.float32)
+                given[f"{modality}_labels"] = _labels_array(labels, self._labels_kind)
+                given[f"{modality}_ids"] = np.asarray(ids, dtype=np.int64)
+                given[f"{modality}_metadata"] = pd.DataFrame.from_records(
+                    metadata, index=pd.RangeIndex(len(ids)))
+        return Memory(given.pop("image_embeddings", None), given.pop("image_labels", None),
+                      **given)
+
+    # -- searching -----------------------------------------------------------------------
+
+    def search(self, queries, k, modality="image", *, vectors=False, verbose=False):
+        """The `k` nearest items of `modality` of each query (L2-normalised rows).
+
+        Returns
+        -------
+        sims, ids : ndarrays of shape (n_queries, k)
+            Similarities (-inf where fewer than `k` were found) and ids (-1).
+        labels : ndarray of shape (n_queries, k)
+        vectors : ndarray of shape (n_queries, k, n_features)
+            Only with ``vectors=True``: the neighbours' embeddings.
+        """
+        if k > MAX_TOP_K:
+            raise ValueError(f"n_neighbors={k} is above Milvus's largest top-k ({MAX_TOP_K}).")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.shape[1] != self.n_features:
+            raise ValueError(f"Dimension mismatch: queries have dimension {queries.shape[1]}, "
+                             f"{self._where()} holds {self.n_features}-dimensional embeddings.")
+        n = queries.shape[0]
+        sims = np.full((n, k), -np.inf, dtype=np.float32)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        labels = np.empty((n, k), dtype=object)
+        out = np.zeros((n, k, self.n_features), dtype=np.float32) if vectors else None
+        fields = ["label", "embedding"] if vectors else ["label"]
+        client = self._client()
+        params = {"metric_type": "IP", "params": self.search_params}
+        block = max(1, min(1024, (1 << 20) // max(k, 1)))
+        with tqdm(total=n, desc="searching", unit="query", disable=not verbose) as bar:
+            for start in range(0, n, block):
+                hits = self._call(
+                    "search", client.search, self.collection,
+                    data=queries[start:start + block], limit=k,
+                    filter=f"modality == {MODALITY_CODES[modality]}", output_fields=fields,
+                    search_params=params, consistency_level=self.consistency)
+                for i, row in enumerate(hits, start):
+                    for j, hit in enumerate(row):
+                        sims[i, j], ids[i, j] = hit["distance"], hit["id"]
+                        labels[i, j] = hit["entity"]["label"]
+                        if vectors:
+                            out[i, j] = hit["entity"]["embedding"]
+                bar.update(len(hits))
+        # The project's tie order: equal similarities go to the lower id.
+        order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -sims), axis=1)
+        sims = np.take_along_axis(sims, order, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+        labels = _labels_array(np.take_along_axis(labels, order, axis=1), self._labels_kind,
+                               missing=ids < 0)
+        if vectors:
+            return sims, ids, labels, out[np.arange(n)[:, None], order]
+        return sims, ids, labels
+
+    def get(self, ids, fields=("label", "metadata")):
+        """Rows of the items `ids`, in that order (a ValueError names unknown ids)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        unique = np.unique(ids)
+        found = {}
+        client = self._client()
+        for start in range(0, unique.size, self.batch_size):
+            chunk = unique[start:start + self.batch_size].tolist()
+            for row in self._call("query", client.query, self.collection,
+                                  filter=f"id in {chunk}", output_fields=list(fields),
+                                  consistency_level=self.consistency):
+                found[row["id"]] = row
+        missing = [int(i) for i in unique if int(i) not in found]
+        if missing:
+            raise ValueError(f"Unknown memory ids: {missing[:10]}.")
+        return [found[int(i)] for i in ids]
+
+    # -- writing -------------------------------------------------------------------------
+
+    def add(self, embeddings, labels, *, ids=None, metadata=None, modality="image"):
+        """Insert items; return their ids. All-or-nothing: a failed batch is undone.
+
+        Without `ids`, new ids are reserved so that no other client gets them
+        (see Notes of :class:`MilvusMemory`).
+        """
+        if modality not in MODALITY_CODES:
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
+        emb = check_embeddings(embeddings, name=f"{modality} embeddings", dim=self.n_features)
+        n = emb.shape[0]
+        labels = check_labels(labels, n, name=f"{modality} labels")
+        kind = _labels_kind(labels)
+        if kind != self._labels_kind:
+            raise ValueError(f"Label type mismatch: the new items have {labels.dtype} labels, "
+                             f"{self._where()} holds {self._labels_kind} labels.")
+        check_nonzero_rows(emb, name=f"{modality} embeddings")
+        emb = l2_normalize(emb)
+        if metadata is None:
+            metadata = pd.DataFrame(index=pd.RangeIndex(n))
+        metadata = pd.DataFrame(metadata).reset_index(drop=True)
+        if len(metadata) != n:
+            raise ValueError(f"metadata has {len(metadata)} rows but there are {n} embeddings.")
+        with self._lock:
+            if ids is None:
+                ids = self._reserve_ids(n)
+            else:
+                ids = check_ids(ids, n, name=f"{modality} ids")
+                clash = self._existing(ids)
+                if clash.size:
+                    raise ValueError(f"ids already in the memory: {clash[:10].tolist()}.")
+            self._insert_all_or_nothing(_rows(ids, emb, labels, modality, metadata), ids)
+            if self._counts is not None:
+                bucket = self._counts[modality]
+                for label, count in zip(*np.unique(labels, return_counts=True)):
+                    bucket[label.item()] = bucket.get(label.item(), 0) + int(count)
+        return ids
+
+    def remove(self, ids, *, keep_images=False):
+        """Delete the items `ids` (a ValueError names unknown ids; nothing is deleted then).
+
+        With `keep_images`, refuse (ValueError) to delete the last image items.
+        """
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        with self._lock:
+            rows = self.get(ids, ("label", "modality"))
+            images = sum(row["modality"] == MODALITY_CODES["image"] for row in rows)
+            if keep_images and images >= self.n_items("image"):
+                raise ValueError("forget() would leave the memory without image items")
+            client = self._client()
+            for start in range(0, ids.size, self.batch_size):
+                self._call("delete", client.delete, self.collection,
+                           ids=ids[start:start + self.batch_size].tolist())
+            if self._counts is not None:
+                names = {code: m for m, code in MODALITY_CODES.items()}
+                for row in rows:
+                    bucket = self._counts[names[row["modality"]]]
+                    bucket[row["label"]] -= 1
+                    if not bucket[row["label"]]:
+                        del bucket[row["label"]]
+        return self
+
+    def _existing(self, ids):
+        client = self._client()
+        found = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = np.asarray(ids[start:start + self.batch_size]).tolist()
+            found.extend(row["id"] for row in self._call(
+                "query", client.query, self.collection, filter=f"id in {chunk}",
+                output_fields=["id"], consistency_level="Strong"))
+        return np.asarray(sorted(found), dtype=np.int64)
+
+    def _reserve_ids(self, n):
+        """`n` ids no other client can get: Milvus-generated keys of placeholder rows."""
+        client = self._client()
+        name = self.collection + _ALLOCATOR_SUFFIX
+        keys = []
+        for start in range(0, n, self.batch_size):
+            size = min(self.batch_size, n - start)
+            result = self._call("insert", client.insert, name, [{"slot": [0.0, 1.0]}] * size)
+            keys.extend(result["ids"])
+        self._call("delete", client.delete, name, ids=keys)
+        ids = self._id_base + np.asarray(keys, dtype=np.int64)
+        if np.any(ids < self._id_base):
+            raise OverflowError(f"Ids of {self._where()} overflow int64.")
+        return ids
+
+    def _insert_all_or_nothing(self, rows, ids):
+        client = self._client()
+        done = 0
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start:start + self.batch_size]
+                self._call("insert", client.insert, self.collection, batch)
+                done += len(batch)
+        except BaseException:
+            if done:
+                client.delete(self.collection, ids=np.asarray(ids[:done]).tolist())
+            raise
+
+    # -- the classifiers' interface ------------------------------------------------------
+
+    def backend(self):
+        """A :class:`MilvusBackend` over this collection's image items."""
+        return MilvusBackend(self)
+
+    def __repr__(self):
+        return (f"MilvusMemory(uri={self.uri!r}, collection={self.collection!r}, "
+                f"index_type={self.index_type!r})")
+
+    # -- sharing and pickling: a handle, never a copy ------------------------------------
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        return {"uri": self.uri, "collection": self.collection,
+                "search_params": self.search_params, "consistency": self.consistency,
+                "timeout": self.timeout, "batch_size": self.batch_size}
+
+    def __setstate__(self, state):
+        self.__init__(state.pop("uri"), state.pop("collection"), **state)
+
+
+class MilvusBackend:
+    """A :class:`MilvusMemory`'s image items, for the classifiers; keys are ids.
+
+    Writes go to the shared collection and return a new backend whose class
+    list follows them.
+    """
+
+    lists_all_items = False
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.classes = _classes({"image": memory._class_counts()["image"]}, memory._labels_kind)
+        self.n_items = memory.n_items("image")
+        self.n_features = memory.n_features
+
+    def search(self, queries, k, verbose=False):
+        sims, ids, labels = self.memory.search(queries, k, verbose=verbose)
+        return Neighbours(sims, ids, ids, labels)
+
+    def leave_one_out(self, k, verbose=False):
+        """Batches of (query keys, query labels, neighbours), streamed from the collection."""
+        with tqdm(total=self.n_items, desc="leave-one-out", unit="item",
+                  disable=not verbose) as bar:
+            for page in self.memory._scan(["embedding", "label"], "image"):
+                ids = np.asarray([row["id"] for row in page], dtype=np.int64)
+                queries = np.asarray([row["embedding"] for row in page], dtype=np.float32)
+                labels = _labels_array([row["label"] for row in page],
+                                       self.memory._labels_kind)
+                all_sims, found, found_labels = self.memory.search(queries, k + 1)
+                is_self = found == ids[:, None]
+                sims, keys = drop_self(all_sims, found, is_self)
+                _, kept_labels = drop_self(all_sims, found_labels, is_self)
+                bar.update(len(ids))
+                yield ids, labels, Neighbours(sims, keys, keys, kept_labels)
+
+    def metadata(self, keys):
+        if not len(keys):
+            return pd.DataFrame(index=pd.RangeIndex(0))
+        rows = self.memory.get(keys, ("metadata",))
+        return pd.DataFrame.from_records([row.get("metadata") or {} for row in rows],
+                                         index=pd.RangeIndex(len(rows)))
+
+    def items(self, keys):
+        rows = self.memory.get(keys, ("label",))
+        return keys, np.asarray(keys, dtype=np.int64), _labels_array(
+            [row["label"] for row in rows], self.memory._labels_kind)
+
+    def add(self, X, y):
+        self.memory.add(X, y)
+        return MilvusBackend(self.memory)
+
+    def expand(self, memory, reassign_ids=False):
+        for modality in MODALITY_CODES:
+            bank = memory.bank(modality)
+            if len(bank):
+                self.memory.add(bank.embeddings, bank.labels, modality=modality,
+                                ids=None if reassign_ids else bank.ids, metadata=bank.metadata)
+        return MilvusBackend(self.memory)
+
+    def remove(self, ids):
+        self.memory.remove(ids, keep_images=True)
+        return MilvusBackend(self.memory)
+
+    def for_pickle(self, counts):
+        return counts
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _connect(uri, token, timeout):
+    pymilvus = _pymilvus()
+    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    try:
+        return pymilvus.MilvusClient(uri, token=token, timeout=timeout)
+    except pymilvus.exceptions.MilvusException as exc:
+        raise _connection_error(uri, None, exc) from None
+
+
+def _connection_error(uri, collection, exc):
+    """A ConnectionError naming the URI, with what to do about it."""
+    message = str(getattr(exc, "message", exc))
+    where = f"Milvus at {uri}" if collection is None else \
+        f"Milvus collection {collection!r} at {uri}"
+    if "lock" in message.lower():
+        hint = ("another process has this Milvus Lite file open; Lite serves one process per "
+                "file. To share it, serve it: `milvus-lite server --data-dir "
+                f"{uri} --host 127.0.0.1 --port 19530` and connect every process with "
+                "uri='http://127.0.0.1:19530'.")
+    elif "auth" in message.lower() or "password" in message.lower() or "token" in \
+            message.lower() or "credential" in message.lower():
+        hint = (f"authentication failed: check the token (parameter or ${TOKEN_ENV}).")
+    else:
+        hint = "the server is unreachable or refused the connection."
+    return ConnectionError(f"Cannot use {where}: {hint} ({message})")
+
+
+def _create_collection(client, name, dim, labels_kind, id_base, index_type, index_params):
+    pymilvus = _pymilvus()
+    DataType = pymilvus.DataType
+    schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    if labels_kind == "integer":
+        schema.add_field("label", DataType.INT64)
+    else:
+        schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL_LENGTH)
+    schema.add_field("modality", DataType.INT8)
+    schema.add_field("metadata", DataType.JSON)
+    index = client.prepare_index_params()
+    index.add_index("embedding", index_type=index_type, metric_type="IP",
+                    params=index_params)
+    layout = {"format": _FORMAT, "labels": labels_kind, "id_base": id_base}
+    client.create_collection(name, schema=schema, index_params=index,
+                             consistency_level="Strong",
+                             properties={_LAYOUT_KEY: json.dumps(layout)})
+    allocator = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    allocator.add_field("id", DataType.INT64, is_primary=True)
+    allocator.add_field("slot", DataType.FLOAT_VECTOR, dim=2)
+    index = client.prepare_index_params()
+    index.add_index("slot", index_type="FLAT", metric_type="IP")
+    client.create_collection(name + _ALLOCATOR_SUFFIX, schema=allocator, index_params=index)
+
+
+def _labels_kind(labels):
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu":
+        return "integer"
+    if labels.dtype.kind in "US":
+        if labels.size and max(len(str(v)) for v in np.unique(labels)) > MAX_LABEL_LENGTH:
+            raise ValueError(f"Milvus memories store labels of at most {MAX_LABEL_LENGTH} "
+                             "characters.")
+        return "string"
+    raise ValueError(f"Milvus memories take integer or string labels, got {labels.dtype}.")
+
+
+def _labels_array(labels, kind, missing=None):
+    labels = np.asarray(labels, dtype=object)
+    if missing is not None:
+        labels = np.where(missing, 0 if kind == "integer" else "", labels)
+    if kind == "integer":
+        return labels.astype(np.int64)
+    return labels.astype(str)
+
+
+def _classes(counts, kind):
+    labels = sorted({label for bucket in counts.values() for label, n in bucket.items() if n})
+    return _labels_array(labels, kind) if labels else np.empty(
+        0, dtype=np.int64 if kind == "integer" else "<U1")
+
+
+def _rows(ids, embeddings, labels, modality, metadata):
+    """Rows for ``client.insert``: a list of dicts (pymilvus takes no column dict)."""
+    records = (json.loads(metadata.to_json(orient="records")) if metadata.shape[1]
+               else [{}] * len(ids))
+    code = MODALITY_CODES[modality]
+    return [{"id": int(i), "embedding": e, "label": label.item(), "modality": code,
+             "metadata": m}
+            for i, e, label, m in zip(ids, embeddings, np.asarray(labels), records)]
