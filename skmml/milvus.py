@@ -599,7 +599,19 @@ class MilvusMemory:
                 "timeout": self.timeout, "batch_size": self.batch_size}
 
     def __setstate__(self, state):
-        self.__init__(state.pop("uri"), state.pop("collection"), **state)
+        # Connects on first use, not here: a process that only passes the
+        # estimator along (a Dask scheduler) needs neither server nor token.
+        self.__dict__.update(state)
+        self._token, self._lock, self._client_ = None, threading.RLock(), None
+
+    _DESCRIBED = frozenset({"n_features", "index_type", "_labels_kind", "_id_base", "_counts"})
+
+    def __getattr__(self, name):
+        # Only reached for attributes not yet set: the layout of an unpickled handle.
+        if name in MilvusMemory._DESCRIBED and "_lock" in self.__dict__:
+            self._describe()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 class MilvusBackend:

@@ -344,6 +344,7 @@ def test_server_token_comes_from_the_environment_after_unpickling(milvus_server,
     monkeypatch.setenv("MILVUS_TOKEN", token)
     np.testing.assert_array_equal(pickle.loads(data).predict(Q), clf.predict(Q))
     monkeypatch.delenv("MILVUS_TOKEN")
+    loaded = pickle.loads(data)  # connects on first use, not on load
     with pytest.raises(ConnectionError, match="authentication failed"):
-        pickle.loads(data)
+        loaded.predict(Q)
     assert os.environ.get("MILVUS_TOKEN") is None
