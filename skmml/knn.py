@@ -57,15 +57,17 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     verbose : int, default=0
         Show progress bars on long searches (pruning's memory-vs-memory
         search, large query sets).
-    memory : Memory, default=None
+    memory : Memory or MilvusMemory, default=None
         A prepared memory. When given, :meth:`fit` uses it as is (its image
         items vote; text items are ignored) and ``X, y`` only check the
         input dimension; it is never copied. When None, :meth:`fit` builds the
-        memory from ``X, y``.
+        memory from ``X, y``. A :class:`~skmml.MilvusMemory` is searched
+        where it lives (see :ref:`scale`); ``index``, ``index_params`` and
+        ``index_device`` then do not apply (the collection has its index).
 
     Attributes
     ----------
-    memory_ : Memory
+    memory_ : Memory or MilvusMemory
         The memory that votes. Its image items have ids ``0 .. n-1`` after
         ``fit(X, y)``; ids stay stable when items are added or forgotten.
     classes_ : ndarray of shape (n_classes,)

@@ -175,6 +175,10 @@ class Memory:
             return np.empty(0, dtype=self.image.labels.dtype)
         return np.unique(np.concatenate(labels) if len(labels) > 1 else labels[0])
 
+    def n_items(self, modality="image"):
+        """Number of items of `modality` (as :meth:`MilvusMemory.n_items`)."""
+        return len(self.bank(modality))
+
     @property
     def ids(self):
         """Ids of all items, images first."""

@@ -24,13 +24,15 @@ from tqdm.auto import tqdm
 
 from ._validation import check_embeddings, check_ids, check_labels, check_nonzero_rows
 from ._validation import l2_normalize
-from .backends import KeyCounts, Neighbours
+from .backends import Neighbours
 from .retrieval import drop_self
 
 #: Modality codes in the collection's ``modality`` field.
 MODALITY_CODES = {"image": 0, "text": 1}
 #: Index types a collection may be built with (IVF_PQ and DISKANN on a server).
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN")
+#: Milvus consistency levels; "Strong" makes every write visible to the next read.
+CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
 #: Milvus's largest top-k.
 MAX_TOP_K = 16384
 #: Longest string label a collection stores.
@@ -164,6 +166,9 @@ class MilvusMemory:
 
     def __init__(self, uri, collection, *, token=None, search_params=None,
                  consistency="Strong", timeout=10.0, batch_size=4096):
+        if consistency not in CONSISTENCY_LEVELS:
+            raise ValueError(f"consistency must be one of {CONSISTENCY_LEVELS}, got "
+                             f"{consistency!r}.")
         self.uri = os.fspath(uri)
         self.collection = collection
         self.search_params = dict(search_params or {})
@@ -405,6 +410,55 @@ class MilvusMemory:
         return Memory(given.pop("image_embeddings", None), given.pop("image_labels", None),
                       **given)
 
+    def class_memories(self, classes, max_items=None):
+        """(classes, Memory) pairs holding every item of a few of `classes` at a time.
+
+        Streams the collection one group of classes at a time (about
+        `max_items` items per group, ``4 * batch_size`` by default; a class is
+        never split), items ordered by id within each modality, so that
+        per-class statistics (MML's prototypes) never need the whole memory
+        in RAM.
+        """
+        from .memory import Memory
+
+        counts = self.counts()
+        max_items = max_items or 4 * self.batch_size
+        group, size = [], 0
+        groups = []
+        for label in classes:
+            n = int(counts.loc[label].sum()) if label in counts.index else 0
+            if group and size + n > max_items:
+                groups.append(group)
+                group, size = [], 0
+            group.append(label)
+            size += n
+        if group:
+            groups.append(group)
+        for group in groups:
+            values = [label.item() if hasattr(label, "item") else label for label in group]
+            rows = []
+            client = self._client()
+            iterator = self._call(
+                "query_iterator", client.query_iterator, self.collection,
+                batch_size=self.batch_size, filter=f"label in {json.dumps(values)}",
+                output_fields=["embedding", "label", "modality"])
+            try:
+                while page := self._call("query_iterator.next", iterator.next):
+                    rows.extend(page)
+            finally:
+                iterator.close()
+            given = {}
+            for modality, code in MODALITY_CODES.items():
+                mine = sorted((r for r in rows if r["modality"] == code), key=lambda r: r["id"])
+                if mine:
+                    given[f"{modality}_embeddings"] = np.asarray(
+                        [r["embedding"] for r in mine], dtype=np.float32)
+                    given[f"{modality}_labels"] = _labels_array(
+                        [r["label"] for r in mine], self._labels_kind)
+                    given[f"{modality}_ids"] = np.asarray([r["id"] for r in mine])
+            yield np.asarray(group), Memory(given.pop("image_embeddings", None),
+                                             given.pop("image_labels", None), **given)
+
     # -- searching -----------------------------------------------------------------------
 
     def search(self, queries, k, modality="image", *, vectors=False, verbose=False):
@@ -575,6 +629,24 @@ class MilvusMemory:
                 client.delete(self.collection, ids=np.asarray(ids[:done]).tolist())
             raise
 
+    def expand(self, memory, *, reassign_ids=False):
+        """Insert every item of the in-RAM `memory` (both modalities); return self.
+
+        Ids are kept (a clash is a ValueError, and nothing is inserted), or
+        with `reassign_ids` new ones are reserved.
+        """
+        if not reassign_ids:
+            clash = self._existing(memory.ids)
+            if clash.size:
+                raise ValueError(f"ids already in the memory: {clash[:10].tolist()}; pass "
+                                 "reassign_ids=True to renumber the added items.")
+        for modality in MODALITY_CODES:
+            bank = memory.bank(modality)
+            if len(bank):
+                self.add(bank.embeddings, bank.labels, modality=modality,
+                         ids=None if reassign_ids else bank.ids, metadata=bank.metadata)
+        return self
+
     # -- the classifiers' interface ------------------------------------------------------
 
     def backend(self):
@@ -666,11 +738,7 @@ class MilvusBackend:
         return MilvusBackend(self.memory)
 
     def expand(self, memory, reassign_ids=False):
-        for modality in MODALITY_CODES:
-            bank = memory.bank(modality)
-            if len(bank):
-                self.memory.add(bank.embeddings, bank.labels, modality=modality,
-                                ids=None if reassign_ids else bank.ids, metadata=bank.metadata)
+        self.memory.expand(memory, reassign_ids=reassign_ids)
         return MilvusBackend(self.memory)
 
     def remove(self, ids):

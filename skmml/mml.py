@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from ._state import State, publish, validate_aside, writer_lock
 from ._validation import check_n_neighbors, l2_normalize, resolve_device
+from .bank import MemoryBank, concat_banks
 from .heads import IntegrationHead
-from .bank import concat_banks
 from .memory import Memory
+from .milvus import MilvusMemory
 from .prototypes import PROTOTYPE_MODES, class_prototypes
 from .retrieval import NeighborIndex, drop_self
 
@@ -93,7 +94,63 @@ class _MemoryView:
         if k < 1:
             raise ValueError(f"The {branch} memory is too small to retrieve neighbours.")
         sims, rows = self.indexes[branch].search(X, k + extra, verbose=self.verbose)
-        return _drop_self(sims, rows, bank.ids, query_ids)
+        return (*_drop_self(sims, rows, bank.ids, query_ids), bank)
+
+    def metadata(self, bank, rows):
+        """Metadata of the items at `rows` of `bank` (a bank this view returned)."""
+        return bank.metadata.iloc[rows].reset_index(drop=True)
+
+
+class _MilvusView(_MemoryView):
+    """What a :class:`~skmml.MilvusMemory` gives the heads, for prediction.
+
+    Searches return the neighbours' vectors with them (a small bank per
+    query set, rows ``0 .. n*k - 1``); prototypes are computed once per view
+    by streaming the collection a few classes at a time, and the view is
+    rebuilt whenever the classifier changes the memory.
+    """
+
+    def __init__(self, memory, branches, estimator, support=None):
+        if estimator.unified_memory:
+            raise ValueError("unified_memory=True searches one in-RAM bank of both "
+                             "modalities; a MilvusMemory is searched per modality.")
+        self.memory, self.classes = memory, memory.classes
+        self.verbose = bool(estimator.verbose)
+        self.banks = {}  # no whole bank in RAM: predictions project what they retrieve
+        image, text = [], []
+        for classes, part in memory.class_memories(self.classes):
+            protos = class_prototypes(part, classes, mode=estimator.prototypes,
+                                      max_items=estimator.n_prototype_items,
+                                      random_state=estimator.random_state, support=support)
+            image.append(protos[0])
+            text.append(protos[1])
+        self.prototypes = {"image": np.concatenate(image), "text": np.concatenate(text)}
+        self._tensors = {}
+
+    def neighbours(self, branch, X, k, query_ids=None):
+        extra = int(query_ids is not None)
+        k = min(k, self.memory.n_items(branch) - extra)
+        if k < 1:
+            raise ValueError(f"The {branch} memory is too small to retrieve neighbours.")
+        sims, ids, labels, vectors = self.memory.search(X, k + extra, modality=branch,
+                                                        vectors=True, verbose=self.verbose)
+        n, width = ids.shape
+        rows = np.where(ids >= 0, np.arange(n * width).reshape(n, width), -1)
+        bank = MemoryBank(vectors.reshape(n * width, -1), labels.ravel(), ids.ravel(),
+                          pd.DataFrame(index=pd.RangeIndex(n * width)))
+        return (*_drop_self(sims, rows, bank.ids, query_ids), bank)
+
+    def metadata(self, bank, rows):
+        rows_found = self.memory.get(bank.ids[rows], ("metadata",))
+        return pd.DataFrame.from_records([row.get("metadata") or {} for row in rows_found],
+                                         index=pd.RangeIndex(len(rows_found)))
+
+
+def _view(memory, branches, estimator, support=None):
+    """The view of `memory` the heads read: in RAM, or a Milvus collection."""
+    if isinstance(memory, MilvusMemory):
+        return _MilvusView(memory, branches, estimator, support)
+    return _MemoryView(memory, branches, estimator, support)
 
 
 class _Episode:
@@ -123,7 +180,8 @@ class _Episode:
             raise ValueError(f"An episode's {branch} memory is too small to retrieve from.")
         embeddings = np.ascontiguousarray(self.banks[branch].embeddings[subset])
         sims, local = faiss.knn(X, embeddings, k + extra, metric=faiss.METRIC_INNER_PRODUCT)
-        return _drop_self(sims, subset[local], self.banks[branch].ids, query_ids)
+        return (*_drop_self(sims, subset[local], self.banks[branch].ids, query_ids),
+                self.banks[branch])
 
 
 def _drop_self(sims, rows, ids, query_ids):
@@ -224,10 +282,12 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     memory : Memory, default=None
         The memory. None uses the training data as the image memory (the
         paper's supervised setting); a training query never retrieves itself.
+        Training needs an in-RAM memory; predict over a
+        :class:`~skmml.MilvusMemory` with :meth:`set_memory`.
 
     Attributes
     ----------
-    memory_ : Memory
+    memory_ : Memory or MilvusMemory
         The memory in use.
     classes_ : ndarray of shape (n_classes,)
         Classes of the memory, sorted.
@@ -293,7 +353,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         "index_params": [dict, None],
         "index_device": [StrOptions({"auto", "cpu", "cuda"})],
         "verbose": ["verbose"],
-        "memory": [Memory, None],
+        "memory": [Memory, MilvusMemory, None],
     }
 
     def __init__(
@@ -398,6 +458,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
             check_classification_targets(y)
             state = self._state
+            _check_trainable(state.memory)
             _check_known(y, state.memory)
             queries = _QuerySet(l2_normalize(X), np.searchsorted(state.view.classes, y),
                                 state.view, state.branches, self)
@@ -415,6 +476,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Xn = l2_normalize(X)
         supervised = self.memory is None
         memory = Memory(Xn, y) if supervised else self.memory
+        _check_trainable(memory)
         if len(memory.classes) < 2:
             where = "y (the memory, as memory=None)" if supervised else "the memory"
             raise ValueError(
@@ -458,7 +520,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         bar.close()
         for branch, state in best[2].items():
             heads[branch].load_state_dict(state)
-        view = train.view if val is None or val.view is train.view else _MemoryView(
+        view = train.view if val is None or val.view is train.view else _view(
             memory, branches, self)
         self._adopt(memory, view, heads=heads, untrained=best[0] == 0, fitted={
             "history_": pd.DataFrame(history), "best_epoch_": best[0], "n_iter_": epoch,
@@ -508,13 +570,13 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         if self.retrieval != "knn":
             return
         for branch in branches:
-            n_items = (len(memory.image) + len(memory.text) if self.unified_memory
-                       else len(memory.bank(branch)))
+            n_items = (memory.n_items("image") + memory.n_items("text")
+                       if self.unified_memory else memory.n_items(branch))
             bank = "image and text" if self.unified_memory else branch
             check_n_neighbors(self.n_neighbors, n_items, bank, exclude_self)
 
     def _resolve_branches(self, memory):
-        present = tuple(b for b in BRANCHES if len(memory.bank(b)))
+        present = tuple(b for b in BRANCHES if memory.n_items(b))
         wanted = {"auto": present, "both": BRANCHES}.get(self.branches, (self.branches,))
         missing = [b for b in wanted if b not in present and not self.unified_memory]
         if missing or not wanted:
@@ -645,12 +707,12 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 if not np.all(found >= 0):  # an approximate index found fewer than k
                     valid = _as_tensor(found >= 0, device)
                     found = np.maximum(found, 0)
-                if cached:
+                if cached and queries.banks[branch] is state.view.banks.get(branch):
                     keys, values = _projection(state, branch)
                     rows = _as_tensor(found, device)
                 else:
                     unique, inverse = np.unique(found, return_inverse=True)
-                    items = queries.view.banks[branch].embeddings[unique]
+                    items = queries.banks[branch].embeddings[unique]
                     keys, values = head.project_memory(_as_tensor(items, device))
                     rows = _as_tensor(inverse.reshape(len(batch), -1), device)
             out, weights = head(query, keys, values, rows, valid, return_attention=True)
@@ -677,7 +739,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         if untrained is None:
             untrained = previous.untrained
         if view is None:
-            view = _MemoryView(memory, branches, self, support)
+            view = _view(memory, branches, self, support)
         for head in heads.values():
             head.eval()
         state = State(memory=memory, view=view, support=support, heads=heads, branches=branches,
@@ -694,9 +756,11 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
         Parameters
         ----------
-        memory : Memory
-            The new memory (``mode="replace"``) or the items to add
-            (``mode="expand"``, class-incremental; ids must not clash).
+        memory : Memory or MilvusMemory
+            The new memory (``mode="replace"``), or the items to add
+            (``mode="expand"``, class-incremental: a :class:`Memory`, whose
+            ids must not clash). Over a :class:`~skmml.MilvusMemory` the
+            classifier predicts, forgets and expands; see :ref:`scale`.
         mode : {"replace", "expand"}, default="replace"
         support : tuple (X, y), default=None
             Few-shot support: labelled query embeddings whose mean becomes
@@ -716,9 +780,13 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     def _set_memory(self, memory, mode, support, reassign_ids):
         state = self._read_state()
-        if not isinstance(memory, Memory):
-            raise TypeError(f"set_memory() needs a Memory, got {type(memory).__name__}.")
+        if not isinstance(memory, (Memory, MilvusMemory)):
+            raise TypeError(f"set_memory() needs a Memory or a MilvusMemory, got "
+                            f"{type(memory).__name__}.")
         if mode == "expand":
+            if not isinstance(memory, Memory):
+                raise TypeError("set_memory(mode='expand') adds the items of a Memory, got "
+                                f"{type(memory).__name__}.")
             memory = state.memory.expand(memory, reassign_ids=reassign_ids)
             support = state.support if support is None else support
         elif mode != "replace":
@@ -840,7 +908,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         self._all_logits(state, queries, attention)
         tables = []
         for branch in state.branches:
-            bank = state.view.banks[branch]
+            bank = queries.banks[branch]
             rows, sims = queries.rows[branch], queries.sims[branch]
             n, k = rows.shape
             found = (rows >= 0).ravel()
@@ -854,7 +922,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 "similarity": sims.ravel()[found],
                 "attention": np.concatenate(attention[branch]).ravel()[found],
             })
-            metadata = bank.metadata.iloc[flat].reset_index(drop=True)
+            metadata = state.view.metadata(bank, flat)
             tables.append(pd.concat([table, metadata], axis=1) if metadata.shape[1] else table)
         return pd.concat(tables, ignore_index=True)
 
@@ -900,6 +968,15 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 _INFERENCE_BATCH = 4096
 
 
+def _check_trainable(memory):
+    if isinstance(memory, MilvusMemory):
+        raise TypeError(
+            "MemoryModularClassifier trains its heads on an in-RAM Memory (episodes search "
+            "subsets of classes): train with memory.to_memory(), or a training memory of "
+            "your own, then set_memory() the MilvusMemory to predict over it."
+        )
+
+
 def _check_known(y, memory):
     unknown = np.setdiff1d(np.unique(y), memory.classes)
     if unknown.size:
@@ -942,10 +1019,10 @@ class _QuerySet:
     def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):
         self.X, self.view, self.query_ids = X, view, query_ids
         self.codes = codes if labels is None else np.searchsorted(view.classes, labels)
-        self.rows, self.sims = {}, {}
+        self.rows, self.sims, self.banks = {}, {}, {}
         if estimator.retrieval == "knn":
             for branch in branches:
-                self.sims[branch], self.rows[branch] = view.neighbours(
+                self.sims[branch], self.rows[branch], self.banks[branch] = view.neighbours(
                     branch, X, estimator.n_neighbors, query_ids
                 )
 

@@ -348,3 +348,47 @@ def test_server_token_comes_from_the_environment_after_unpickling(milvus_server,
     with pytest.raises(ConnectionError, match="authentication failed"):
         loaded.predict(Q)
     assert os.environ.get("MILVUS_TOKEN") is None
+
+
+# -- MemoryModularClassifier over a Milvus memory -----------------------------------------
+
+
+def test_mml_predicts_over_milvus_as_over_the_same_memory_in_ram(lite):
+    from skmml import MemoryModularClassifier
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 32))
+    y = rng.integers(0, 8, 800)
+    X = (centres[y] + 0.7 * rng.normal(size=(800, 32))).astype(np.float32)
+    t = np.repeat(np.arange(8), 5)
+    T = (centres[t] + 0.5 * rng.normal(size=(40, 32))).astype(np.float32)
+    memory = _memory(X[:600], y[:600], text_embeddings=T, text_labels=t)
+    seen = y[600:] < 5
+    # validation_fraction=None keeps the last epoch: trained, non-identity heads.
+    mml = MemoryModularClassifier(n_neighbors=8, max_epochs=2, random_state=0,
+                                  validation_fraction=None, heads_device="cpu",
+                                  memory=memory.keep_classes(np.arange(5)))
+    mml.fit(X[600:][seen], y[600:][seen])
+    assert not any(mml._state.identity.values())
+    mm = MilvusMemory.from_memory(memory, uri=lite, collection="mml")
+    Q = X[700:]
+    in_ram = mml.set_memory(memory).predict_proba(Q), mml.explain(Q[:2])
+    over_milvus = mml.set_memory(mm).predict_proba(Q), mml.explain(Q[:2])
+    np.testing.assert_allclose(over_milvus[0], in_ram[0], rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(over_milvus[1], in_ram[1], rtol=1e-5)
+    assert mml.memory_ is mm and len(pickle.dumps(mml)) < 200_000  # heads, no embeddings
+    # Forgetting and expanding go to the collection; prototypes follow.
+    mml.forget([0, 1, 2])
+    ref = clone_mml_over(mml, memory.remove([0, 1, 2]))
+    np.testing.assert_allclose(mml.predict_proba(Q), ref.predict_proba(Q), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(TypeError, match="trains its heads on an in-RAM Memory"):
+        mml.partial_fit(X[600:610], y[600:610])
+    with pytest.raises(TypeError, match="trains its heads on an in-RAM Memory"):
+        MemoryModularClassifier(memory=mm).fit(X[600:610], y[600:610])
+
+
+def clone_mml_over(mml, memory):
+    """`mml` (fitted) with another memory, leaving `mml` as it is."""
+    copy = pickle.loads(pickle.dumps(mml))
+    return copy.set_memory(memory)
