@@ -259,9 +259,9 @@ def test_episodic_training_restricts_retrieval_and_prototypes(monkeypatch):
 
     class Recording(mml._Episode):
         def neighbours(self, branch, X, k, query_ids=None):
-            sims, rows = super().neighbours(branch, X, k, query_ids)
+            sims, rows, bank = super().neighbours(branch, X, k, query_ids)
             episodes.append((set(self.class_codes), set(self.view.codes[branch][rows.ravel()])))
-            return sims, rows
+            return sims, rows, bank
 
     monkeypatch.setattr(mml, "_Episode", Recording)
     clf = MemoryModularClassifier(max_epochs=2, episode_classes=3, memory=memory,
@@ -279,10 +279,10 @@ def test_episodic_training_in_the_supervised_setting_never_retrieves_itself(monk
 
     class Checking(mml._Episode):
         def neighbours(self, branch, X, k, query_ids=None):
-            sims, rows = super().neighbours(branch, X, k, query_ids)
-            assert not np.any(self.banks[branch].ids[rows] == query_ids[:, None])
+            sims, rows, bank = super().neighbours(branch, X, k, query_ids)
+            assert not np.any(bank.ids[rows] == query_ids[:, None])
             checked.append(rows.shape)
-            return sims, rows
+            return sims, rows, bank
 
     monkeypatch.setattr(mml, "_Episode", Checking)
     MemoryModularClassifier(n_neighbors=4, max_epochs=1, episode_classes=0.5,
