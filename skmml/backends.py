@@ -132,6 +132,10 @@ class LocalBackend:
         n_new = len(new.image) - len(self.memory.image)
         return LocalBackend(new, self.index.add(new.image, n_new))
 
+    def n_items_without(self, ids):
+        """Image items left after removing `ids`."""
+        return self.n_items - int(np.count_nonzero(self.memory.image.contains(ids)))
+
     def remove(self, ids):
         memory = self.memory.remove(ids)
         bank = _image_bank(memory, "forget() would leave the memory without image items")

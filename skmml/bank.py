@@ -257,7 +257,7 @@ class MemoryBank:
             pos = np.minimum(np.searchsorted(slot_ids, ids), self._n - 1)
             found = slot_ids[pos] == ids
             if self._dead.size:
-                found &= ~_is_in(self._dead, pos)
+                found &= ~is_in(self._dead, pos)
             return pos, found
         pos = np.minimum(np.searchsorted(self.ids, ids, sorter=self._sorter), len(self) - 1)
         rows = self._sorter[pos]
@@ -372,7 +372,7 @@ class MemoryBank:
         return f"MemoryBank(n_items={len(self)}, n_features={self.dim})"
 
 
-def _is_in(sorted_values, x):
+def is_in(sorted_values, x):
     """Mask: which of `x` are in the sorted array `sorted_values`."""
     pos = np.minimum(np.searchsorted(sorted_values, x), sorted_values.shape[0] - 1)
     return sorted_values[pos] == x

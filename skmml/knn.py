@@ -293,6 +293,10 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         with writer_lock(self):
             state = self._read_state()
             ids = np.unique(np.asarray(ids, dtype=np.int64))
+            left = None if state.pruning is None else state.backend.n_items_without(ids)
+            if left:  # none left: the backend's own error says so
+                # Before the backend writes: a Milvus collection is changed at once.
+                self._check_k(state.pruning["n_neighbors"] + 1, left)
             self._adopt(state.backend.remove(ids), state.pruning)
         return self
 

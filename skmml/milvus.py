@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ._validation import check_embeddings, check_ids, check_labels, check_nonzero_rows
 from ._validation import l2_normalize
 from .backends import Neighbours
-from .retrieval import drop_self
+from .retrieval import drop_self, tie_order
 
 #: Modality codes in the collection's ``modality`` field.
 MODALITY_CODES = {"image": 0, "text": 1}
@@ -373,10 +373,9 @@ class MilvusMemory:
                 self._counts = counts
             return self._counts
 
-    def _scan(self, fields, modality=None):
-        """Pages of rows (dicts with `fields` and "id"), streamed from the collection."""
+    def _scan(self, fields, where=""):
+        """Pages of rows (dicts with `fields` and "id") matching `where`, streamed."""
         client = self._client()
-        where = "" if modality is None else f"modality == {MODALITY_CODES[modality]}"
         iterator = self._call("query_iterator", client.query_iterator, self.collection,
                               batch_size=self.batch_size, filter=where,
                               output_fields=list(fields))
@@ -391,22 +390,26 @@ class MilvusMemory:
 
     def to_memory(self):
         """Export every item to an in-RAM :class:`~skmml.Memory` (for memories that fit)."""
+        rows = [row for page in self._scan(["embedding", "label", "modality", "metadata"])
+                for row in page]
+        return self._memory_of(rows)
+
+    def _memory_of(self, rows):
+        """An in-RAM Memory of `rows` (dicts from the collection), ordered by id per modality."""
         from .memory import Memory
 
         given = {}
-        for modality in MODALITY_CODES:
-            ids, embeddings, labels, metadata = [], [], [], []
-            for page in self._scan(["embedding", "label", "metadata"], modality):
-                ids.extend(row["id"] for row in page)
-                embeddings.extend(row["embedding"] for row in page)
-                labels.extend(row["label"] for row in page)
-                metadata.extend(row.get("metadata") or {} for row in page)
-            if ids:
-                given[f"{modality}_embeddings"] = np.asarray(embeddings, dtype=np.float32)
-                given[f"{modality}_labels"] = _labels_array(labels, self._labels_kind)
-                given[f"{modality}_ids"] = np.asarray(ids, dtype=np.int64)
-                given[f"{modality}_metadata"] = pd.DataFrame.from_records(
-                    metadata, index=pd.RangeIndex(len(ids)))
+        for modality, code in MODALITY_CODES.items():
+            mine = sorted((r for r in rows if r["modality"] == code), key=lambda r: r["id"])
+            if not mine:
+                continue
+            given[f"{modality}_embeddings"] = np.asarray([r["embedding"] for r in mine],
+                                                         dtype=np.float32)
+            given[f"{modality}_labels"] = _labels_array([r["label"] for r in mine],
+                                                        self._labels_kind)
+            given[f"{modality}_ids"] = np.asarray([r["id"] for r in mine], dtype=np.int64)
+            if "metadata" in mine[0]:
+                given[f"{modality}_metadata"] = _metadata_frame(mine)
         return Memory(given.pop("image_embeddings", None), given.pop("image_labels", None),
                       **given)
 
@@ -419,8 +422,6 @@ class MilvusMemory:
         per-class statistics (MML's prototypes) never need the whole memory
         in RAM.
         """
-        from .memory import Memory
-
         counts = self.counts()
         max_items = max_items or 4 * self.batch_size
         group, size = [], 0
@@ -436,28 +437,10 @@ class MilvusMemory:
             groups.append(group)
         for group in groups:
             values = [label.item() if hasattr(label, "item") else label for label in group]
-            rows = []
-            client = self._client()
-            iterator = self._call(
-                "query_iterator", client.query_iterator, self.collection,
-                batch_size=self.batch_size, filter=f"label in {json.dumps(values)}",
-                output_fields=["embedding", "label", "modality"])
-            try:
-                while page := self._call("query_iterator.next", iterator.next):
-                    rows.extend(page)
-            finally:
-                iterator.close()
-            given = {}
-            for modality, code in MODALITY_CODES.items():
-                mine = sorted((r for r in rows if r["modality"] == code), key=lambda r: r["id"])
-                if mine:
-                    given[f"{modality}_embeddings"] = np.asarray(
-                        [r["embedding"] for r in mine], dtype=np.float32)
-                    given[f"{modality}_labels"] = _labels_array(
-                        [r["label"] for r in mine], self._labels_kind)
-                    given[f"{modality}_ids"] = np.asarray([r["id"] for r in mine])
-            yield np.asarray(group), Memory(given.pop("image_embeddings", None),
-                                             given.pop("image_labels", None), **given)
+            rows = [row for page in self._scan(["embedding", "label", "modality"],
+                                               f"label in {json.dumps(values)}")
+                    for row in page]
+            yield np.asarray(group), self._memory_of(rows)
 
     # -- searching -----------------------------------------------------------------------
 
@@ -501,8 +484,7 @@ class MilvusMemory:
                         if vectors:
                             out[i, j] = hit["entity"]["embedding"]
                 bar.update(len(hits))
-        # The project's tie order: equal similarities go to the lower id.
-        order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -sims), axis=1)
+        order = tie_order(sims, ids)  # equal similarities: the lower id first
         sims = np.take_along_axis(sims, order, axis=1)
         ids = np.take_along_axis(ids, order, axis=1)
         labels = _labels_array(np.take_along_axis(labels, order, axis=1), self._labels_kind,
@@ -514,19 +496,29 @@ class MilvusMemory:
     def get(self, ids, fields=("label", "metadata")):
         """Rows of the items `ids`, in that order (a ValueError names unknown ids)."""
         ids = np.asarray(ids, dtype=np.int64)
-        unique = np.unique(ids)
-        found = {}
-        client = self._client()
+        found = self._rows_by_id(ids, fields)
+        missing = [int(i) for i in np.unique(ids) if int(i) not in found]
+        if missing:
+            raise ValueError(f"Unknown memory ids: {missing[:10]}.")
+        return [found[int(i)] for i in ids]
+
+    def metadata(self, ids):
+        """The metadata of the items `ids`, one row each, as a DataFrame."""
+        if not len(ids):
+            return pd.DataFrame(index=pd.RangeIndex(0))
+        return _metadata_frame(self.get(ids, ("metadata",)))
+
+    def _rows_by_id(self, ids, fields):
+        """{id: row} of those of `ids` that are in the collection."""
+        unique = np.unique(np.asarray(ids, dtype=np.int64))
+        client, found = self._client(), {}
         for start in range(0, unique.size, self.batch_size):
             chunk = unique[start:start + self.batch_size].tolist()
             for row in self._call("query", client.query, self.collection,
                                   filter=f"id in {chunk}", output_fields=list(fields),
                                   consistency_level=self.consistency):
                 found[row["id"]] = row
-        missing = [int(i) for i in unique if int(i) not in found]
-        if missing:
-            raise ValueError(f"Unknown memory ids: {missing[:10]}.")
-        return [found[int(i)] for i in ids]
+        return found
 
     # -- writing -------------------------------------------------------------------------
 
@@ -592,14 +584,7 @@ class MilvusMemory:
         return self
 
     def _existing(self, ids):
-        client = self._client()
-        found = []
-        for start in range(0, len(ids), self.batch_size):
-            chunk = np.asarray(ids[start:start + self.batch_size]).tolist()
-            found.extend(row["id"] for row in self._call(
-                "query", client.query, self.collection, filter=f"id in {chunk}",
-                output_fields=["id"], consistency_level="Strong"))
-        return np.asarray(sorted(found), dtype=np.int64)
+        return np.asarray(sorted(self._rows_by_id(ids, ["id"])), dtype=np.int64)
 
     def _reserve_ids(self, n):
         """`n` ids no other client can get: Milvus-generated keys of placeholder rows."""
@@ -709,7 +694,8 @@ class MilvusBackend:
         """Batches of (query keys, query labels, neighbours), streamed from the collection."""
         with tqdm(total=self.n_items, desc="leave-one-out", unit="item",
                   disable=not verbose) as bar:
-            for page in self.memory._scan(["embedding", "label"], "image"):
+            for page in self.memory._scan(["embedding", "label"],
+                                          f"modality == {MODALITY_CODES['image']}"):
                 ids = np.asarray([row["id"] for row in page], dtype=np.int64)
                 queries = np.asarray([row["embedding"] for row in page], dtype=np.float32)
                 labels = _labels_array([row["label"] for row in page],
@@ -722,11 +708,7 @@ class MilvusBackend:
                 yield ids, labels, Neighbours(sims, keys, keys, kept_labels)
 
     def metadata(self, keys):
-        if not len(keys):
-            return pd.DataFrame(index=pd.RangeIndex(0))
-        rows = self.memory.get(keys, ("metadata",))
-        return pd.DataFrame.from_records([row.get("metadata") or {} for row in rows],
-                                         index=pd.RangeIndex(len(rows)))
+        return self.memory.metadata(keys)
 
     def items(self, keys):
         rows = self.memory.get(keys, ("label",))
@@ -740,6 +722,11 @@ class MilvusBackend:
     def expand(self, memory, reassign_ids=False):
         self.memory.expand(memory, reassign_ids=reassign_ids)
         return MilvusBackend(self.memory)
+
+    def n_items_without(self, ids):
+        """Image items left after removing `ids`."""
+        rows = self.memory._rows_by_id(ids, ["modality"]).values()
+        return self.n_items - sum(r["modality"] == MODALITY_CODES["image"] for r in rows)
 
     def remove(self, ids):
         self.memory.remove(ids, keep_images=True)
@@ -871,6 +858,12 @@ def _create_collection(client, name, dim, labels_kind, id_base, index_type, inde
     index = client.prepare_index_params()
     index.add_index("slot", index_type="FLAT", metric_type="IP")
     client.create_collection(name + _ALLOCATOR_SUFFIX, schema=allocator, index_params=index)
+
+
+def _metadata_frame(rows):
+    """The "metadata" JSON of `rows`, one DataFrame row each."""
+    return pd.DataFrame.from_records([row.get("metadata") or {} for row in rows],
+                                     index=pd.RangeIndex(len(rows)))
 
 
 def _labels_kind(labels):

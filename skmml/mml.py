@@ -141,9 +141,7 @@ class _MilvusView(_MemoryView):
         return (*_drop_self(sims, rows, bank.ids, query_ids), bank)
 
     def metadata(self, bank, rows):
-        rows_found = self.memory.get(bank.ids[rows], ("metadata",))
-        return pd.DataFrame.from_records([row.get("metadata") or {} for row in rows_found],
-                                         index=pd.RangeIndex(len(rows_found)))
+        return self.memory.metadata(bank.ids[rows])
 
 
 def _view(memory, branches, estimator, support=None):

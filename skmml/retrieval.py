@@ -11,6 +11,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from .bank import is_in
+
 #: Most queries per block when a search shows a progress bar.
 SEARCH_BLOCK = 16384
 #: Fewest queries per block then (smaller blocks would slow FAISS down).
@@ -151,12 +153,16 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     return out_sims, out_rows
 
 
+def tie_order(scores, ids):
+    """Per row, the order by decreasing score, equal scores by increasing id (-1 last)."""
+    return np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)
+
+
 def _ordered(scores, rows, bank, k):
     """The best `k` of each row by (-score, id); missing rows (-1) last."""
     found = rows >= 0
     scores = np.where(found, scores, -np.inf).astype(np.float32)
-    ids = np.where(found, bank.slot_ids[np.maximum(rows, 0)], np.iinfo(np.int64).max)
-    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    order = tie_order(scores, np.where(found, bank.slot_ids[np.maximum(rows, 0)], -1))[:, :k]
     return (np.take_along_axis(scores, order, axis=1),
             np.where(np.take_along_axis(found, order, axis=1),
                      np.take_along_axis(rows, order, axis=1), -1))
@@ -205,8 +211,7 @@ def exact_search(queries, bank, k):
         return faiss.knn(queries, embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
     extra = min(dead.size, max(k, 64))
     sims, slots = faiss.knn(queries, embeddings, k + extra, metric=faiss.METRIC_INNER_PRODUCT)
-    pos = np.minimum(np.searchsorted(dead, slots), dead.size - 1)
-    live = dead[pos] != slots
+    live = ~is_in(dead, slots)
     first = np.argsort(~live, axis=1, kind="stable")[:, :k]  # the first k live, in order
     sims = np.take_along_axis(sims, first, axis=1)
     slots = np.take_along_axis(slots, first, axis=1)
