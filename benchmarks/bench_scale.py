@@ -7,6 +7,8 @@ approximate index, IVF with the same lists and probes everywhere (nlist =
 IVF_FLAT):
 
 - insert rate (building the in-RAM memory and index; ``MilvusMemory.from_memory``),
+  and for Milvus the index build that follows (flush, then wait until the
+  index covers every row: searches are timed only after it),
 - batched predict rate (1,000 queries at 100k, 256 at 1M) and single-query
   rate, accuracy on held-out queries of the same clusters, and recall@32 of
   the neighbours against exact search (``faiss.knn``),
@@ -15,8 +17,9 @@ IVF_FLAT):
 - RSS of the client process (each engine runs in a fresh child process, so
   the figures do not mix); for the server, also the server's RSS per item.
 
-The real server is PyPI's ``milvus`` 2.3.5 standalone, started here on
-127.0.0.1 and sharing this machine's cores with the client. Milvus Lite runs
+The real server is PyPI's ``milvus`` 2.3.5 standalone, started here in a
+network namespace of its own and reached through a forwarder on 127.0.0.1
+(:mod:`skmml._local_milvus`), sharing this machine's cores with the client. Milvus Lite runs
 inside the client process, so its RSS includes the engine.
 
 Run: ``python benchmarks/bench_scale.py [--sizes 100000 1000000]``
@@ -90,7 +93,9 @@ def child(engine, index, n, uri, token):
         result["insert_s"], mm = timed(lambda: MilvusMemory.from_memory(
             memory, uri=uri, collection=collection, token=token, index_type=index,
             index_params=params, search_params={"nprobe": 32} if params else None,
-            batch_size=8192))
+            batch_size=8192, index_wait=None))
+        # Searches run once the index covers every row (from_memory's default).
+        result["index_s"], _ = timed(lambda: mm.wait_for_index(timeout=7200))
         del memory
         clf = KNNVoteClassifier(n_neighbors=K).set_memory(mm)
     del X
@@ -159,18 +164,6 @@ def faiss_baseline(index, n, Q):
     return {"raw_faiss_qps": len(Q) / t}
 
 
-def start_server(folder):
-    from milvus import MilvusServer, MilvusServerConfig
-
-    config = MilvusServerConfig(data_dir=folder)
-    for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode",
-                      "dataCoord", "dataNode"):
-        config.set(f"{component}.ip", "127.0.0.1")
-    server = MilvusServer(config)
-    server.start()
-    return server
-
-
 def run_child(args):
     out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)],
                          capture_output=True, text=True)
@@ -182,12 +175,14 @@ def run_child(args):
 
 
 def report(rows, server_rss):
-    print(f"\n{'engine':>8} {'index':>9} {'N':>9} {'insert/s':>10} {'batch q/s':>10} "
+    print(f"\n{'engine':>8} {'index':>9} {'N':>9} {'insert/s':>10} {'index s':>8} "
+          f"{'batch q/s':>10} "
           f"{'1-query q/s':>11} {'accuracy':>8} {'recall':>6} {'forget 1':>9} {'forget 1k':>9} "
           f"{'client RSS':>11}")
     for r in rows:
         print(f"{r['engine']:>8} {r['index']:>9} {r['n']:>9,} {r['n'] / r['insert_s']:>10,.0f} "
-              f"{r['batched_qps']:>10,.1f} {r['single_qps']:>11,.1f} {r['accuracy']:>8.3f} "
+              f"{r.get('index_s', 0):>8.1f} {r['batched_qps']:>10,.1f} "
+              f"{r['single_qps']:>11,.1f} {r['accuracy']:>8.3f} "
               f"{r['recall']:>6.3f} "
               f"{r['forget_1_s'] * 1e3:>7.0f}ms {r['forget_1000_s'] * 1e3:>7.0f}ms "
               f"{r['client_rss_mib']:>8,.0f}MiB")
@@ -228,10 +223,15 @@ def main():
         return
     import psutil
 
+    from skmml._local_milvus import LocalMilvusServer
+
     rows, server_rss = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        server = start_server(os.path.join(folder, "server"))
-        server_uri = f"http://127.0.0.1:{server.listen_port}"
+        server = LocalMilvusServer(os.path.join(folder, "server")).start()
+        server_uri = server.uri
+        print(f"Milvus server at {server_uri}, "
+              + ("in its own network namespace" if server.isolated else
+                 f"in the host's network namespace ({server.why_not_isolated})"), flush=True)
         try:
             for n in args.sizes:
                 runs = [("faiss", "flat", ""), ("faiss", "ivf", ""),
@@ -245,7 +245,7 @@ def main():
                         rows.append(row)
                         print("  " + json.dumps(row), flush=True)
                     if engine == "server":
-                        mib = psutil.Process(server.server_proc.pid).memory_info().rss / 2**20
+                        mib = psutil.Process(server.pid).memory_info().rss / 2**20
                         server_rss[n] = max(server_rss.get(n, 0), mib)
                         _drop(server_uri)
         finally:

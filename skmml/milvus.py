@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import threading
+import time
+import warnings
 import weakref
 
 import numpy as np
@@ -256,11 +258,16 @@ class MilvusMemory:
     @classmethod
     def from_memory(cls, memory, uri, collection, *, token=None, index_type="FLAT",
                     index_params=None, search_params=None, consistency="Strong",
-                    timeout=10.0, batch_size=4096, verbose=0):
+                    timeout=10.0, batch_size=4096, index_wait=3600.0, verbose=0):
         """Create `collection` at `uri` holding `memory`'s items (both modalities).
 
         The import is all-or-nothing: if any batch fails, the collection is
-        dropped and the error raised.
+        dropped and the error raised. Then the collection is flushed and,
+        by default, this waits until its index covers every row: a Milvus
+        server builds indexes in the background, and until it has, searches
+        scan the unindexed segments by brute force (at 200k x 512 on two
+        cores, 256 queries took 25.6 s while an IVF_FLAT build ran and 0.49 s
+        once it had finished).
 
         Parameters
         ----------
@@ -276,8 +283,12 @@ class MilvusMemory:
         index_params : dict, default=None
             Build parameters, e.g. ``{"nlist": 1024}`` or ``{"M": 16,
             "efConstruction": 200}``.
+        index_wait : float or None, default=3600.0
+            Most seconds to wait for the index build; past them a warning
+            says how much is indexed, and the memory is returned all the
+            same (its answers are right; only slower). None: do not wait.
         verbose : int, default=0
-            Show a progress bar over the import.
+            Show progress bars over the import and the index build.
 
         Returns
         -------
@@ -326,7 +337,35 @@ class MilvusMemory:
         memory = cls(uri, collection, token=token, search_params=search_params,
                    consistency=consistency, timeout=timeout, batch_size=batch_size)
         _disconnect(os.fspath(uri), client)  # after the handle opened: Lite stays up
+        if index_wait is not None:
+            memory.wait_for_index(index_wait, verbose=verbose)
         return memory
+
+    def wait_for_index(self, timeout=3600.0, verbose=0):
+        """Flush the collection and wait until its index covers every row.
+
+        Returns True when it does; after `timeout` seconds, warns with the
+        indexed fraction and returns False.
+        """
+        client = self._client()
+        self._call("flush", client.flush, self.collection, timeout=self.timeout)
+        deadline = time.monotonic() + timeout
+        with tqdm(desc="indexing", unit="item", disable=not verbose) as bar:
+            while True:
+                info = self._call("describe_index", client.describe_index, self.collection,
+                                  "embedding")
+                done, total = int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0))
+                bar.total = total
+                bar.update(min(done, total) - bar.n)
+                if done >= total:
+                    return True
+                if time.monotonic() > deadline:
+                    warnings.warn(
+                        f"The {self.index_type} index of {self._where()} covers {done} of "
+                        f"{total} rows after {timeout} s; searches scan the rest by brute "
+                        "force until the server's build finishes.", stacklevel=2)
+                    return False
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     # -- what it holds -------------------------------------------------------------------
 

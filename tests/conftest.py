@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random open_clip model in a local checkpoint, images on disk."""
 
 import json
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
@@ -51,56 +51,40 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def _wait_healthy(server, timeout):
-    """Wait for the server's health endpoint; fail fast if the process exits."""
-    import time
-    import urllib.request
+@pytest.fixture(scope="session")
+def milvus_local_server(tmp_path_factory):
+    """The real Milvus 2.3.5 standalone server, started for this session.
 
-    url = f"http://127.0.0.1:{server.webservice_port}/healthz"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.server_proc.poll() is not None:
-            log = Path(server.config.base_data_dir, "logs", "milvus-stdout.log")
-            errors = [line for line in log.read_text(errors="replace").splitlines()
-                      if "[ERROR]" in line or "[FATAL]" in line]
-            raise RuntimeError(f"the server exited: {(errors or ['no error logged'])[-1][:300]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if b"OK" in response.read():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"not healthy after {timeout} s")
+    PyPI's ``milvus`` package bundles the server with embedded etcd. It runs
+    in a network namespace of its own where the machine allows one, so that
+    only this machine's loopback reaches it (:mod:`skmml._local_milvus`);
+    authentication is on (user root), and it stops when the session ends.
+    The tests that need it are skipped, with the reason, only when it cannot
+    start here.
+    """
+    pytest.importorskip("pymilvus")
+    from skmml._local_milvus import LocalMilvusServer
+
+    try:
+        import milvus  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the real Milvus server is not installed (pip install milvus==2.3.5): {exc}")
+    server = LocalMilvusServer(tmp_path_factory.mktemp("milvus_server"), authorization=True)
+    if not server.isolated:
+        warnings.warn("the Milvus server runs in the host's network namespace (its gRPC "
+                      "ports listen on all interfaces): no network namespace here: "
+                      f"{server.why_not_isolated}")
+    try:
+        server.start()
+    except Exception as exc:  # e.g. the binary does not run here, or a port is taken
+        pytest.skip(f"the real Milvus server could not start: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def milvus_server(tmp_path_factory):
-    """(uri, token) of the real Milvus 2.3.5 standalone server, started for this session.
-
-    PyPI's ``milvus`` package bundles the server with embedded etcd. Its
-    advertised addresses and etcd are bound to 127.0.0.1, authentication is
-    on (user root), and it stops when the session ends. The tests that need
-    it are skipped, with the reason, only when it cannot start here.
-    """
-    pytest.importorskip("pymilvus")
-    try:
-        from milvus import MilvusServer, MilvusServerConfig
-    except ImportError as exc:
-        pytest.skip(f"the real Milvus server is not installed (pip install milvus==2.3.5): {exc}")
-    config = MilvusServerConfig(data_dir=str(tmp_path_factory.mktemp("milvus_server")))
-    for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode",
-                      "dataCoord", "dataNode"):
-        config.set(f"{component}.ip", "127.0.0.1")
-    config.set("authorization_enabled", True)
-    server = MilvusServer(config, wait_for_started=False)
-    try:
-        server.start()
-        _wait_healthy(server, timeout=90)
-    except Exception as exc:  # e.g. the binary does not run here, or a port is taken
-        server.stop()
-        pytest.skip(f"the real Milvus server could not start: {exc}")
-    try:
-        yield f"http://127.0.0.1:{server.listen_port}", "root:Milvus"
-    finally:
-        server.stop()
+def milvus_server(milvus_local_server):
+    """(uri, token) of :func:`milvus_local_server`."""
+    return milvus_local_server.uri, milvus_local_server.token

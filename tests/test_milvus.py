@@ -304,6 +304,37 @@ def test_server_gives_the_in_ram_answers_and_unlearns_at_once(milvus_server):
     assert mm.consistency == "Strong"
 
 
+def test_server_is_reachable_only_through_loopback(milvus_local_server):
+    """No port of the server is reachable from another host: it has no other interface."""
+    psutil = pytest.importorskip("psutil")
+    server = milvus_local_server
+    if not server.isolated:
+        pytest.skip(f"no network namespace here: {server.why_not_isolated}")
+    assert os.readlink(f"/proc/{server.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    with open(f"/proc/{server.pid}/net/dev") as f:
+        interfaces = {line.split(":")[0].strip() for line in f.readlines()[2:]}
+    assert interfaces == {"lo"}
+    port = int(server.uri.rsplit(":", 1)[1])
+    listening = [c.laddr.ip for c in psutil.Process().net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening == ["127.0.0.1"]
+
+
+def test_server_import_waits_until_the_index_covers_every_row(milvus_server):
+    uri, token = milvus_server
+    X, y, Q = _data(n=3000)
+    mm = MilvusMemory.from_memory(Memory(X, y), uri=uri, collection="ivf_wait", token=token,
+                                  index_type="IVF_FLAT", index_params={"nlist": 16},
+                                  search_params={"nprobe": 16})
+    info = mm._client().describe_index("ivf_wait", "embedding")
+    assert info["index_type"] == "IVF_FLAT" and info["indexed_rows"] == info["total_rows"] == 3000
+    assert mm.wait_for_index(timeout=5) is True
+    # nprobe = nlist: the IVF search is exhaustive, so it equals exact search.
+    ref = KNNVoteClassifier(n_neighbors=5).fit(X, y)
+    np.testing.assert_array_equal(KNNVoteClassifier(n_neighbors=5).set_memory(mm).kneighbors(Q)[1],
+                                  ref.kneighbors(Q)[1])
+
+
 def test_server_refuses_a_wrong_token(milvus_server):
     uri, _ = milvus_server
     with pytest.raises(ConnectionError, match=f"Milvus at {uri}.*authentication failed"):
