@@ -70,6 +70,9 @@ class _RowStore:
         self.length = n
         self.increasing = _increasing_prefix(ids)  # ids[:increasing] strictly increase
         self.lock = threading.Lock()
+        # Reduced-precision copies for certified search, by format, built on
+        # first use (skmml.screening).
+        self.low_precision = {}
 
     @property
     def capacity(self):

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .bank import is_in
+from .screening import SCREEN_OPTIONS, certified_search, rescore, screen_format
 
 #: Most queries per block when a search shows a progress bar.
 SEARCH_BLOCK = 16384
@@ -81,10 +82,6 @@ def score_error(dim):
     return 1.01 * (dim + 1) * 2.0**-24
 
 
-#: (query, candidate) pairs re-scored at a time by canonical_neighbours.
-_RESCORE_BLOCK = 4096
-
-
 def canonical_neighbours(queries, bank, sims, rows, k, exact):
     """The `k` nearest of each query in the project's one order, whatever the search path.
 
@@ -134,10 +131,7 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     scores, cand = sims[todo].copy(), rows[todo]
     embeddings = bank.slot_embeddings
     q, j = np.nonzero(involved)
-    for start in range(0, q.size, _RESCORE_BLOCK):  # bounded work memory
-        b = slice(start, start + _RESCORE_BLOCK)
-        scores[q[b], j[b]] = np.einsum("md,md->m", queries[todo[q[b]]],
-                                       embeddings[cand[q[b], j[b]]])
+    scores[q, j] = rescore(queries, embeddings, todo[q], cand[q, j])
     top_scores, top_rows = _ordered(scores, cand, bank, k)
     out_sims[todo], out_rows[todo] = top_scores, top_rows
     if exact and rows.shape[1] > k:
@@ -232,7 +226,12 @@ class NeighborIndex:
         to :func:`faiss.index_factory` (e.g. ``"IVF1024,SQ8"``).
     params : dict, default=None
         FAISS search parameters, e.g. ``{"nprobe": 32}`` or
-        ``{"efSearch": 256}``, set with :class:`faiss.ParameterSpace`.
+        ``{"efSearch": 256}``, set with :class:`faiss.ParameterSpace`. The
+        exact index ("flat") takes ``{"screen": "auto" | "off" | "fp16" |
+        "bf16"}``: certified exact search with a reduced-precision screen
+        (:mod:`skmml.screening`); "auto" (the default) screens where a
+        one-time measurement found it faster on this machine, "off" always
+        searches in float32. The result is the same either way.
     device : {"auto", "cpu", "cuda"}, default="auto"
         Where the index lives. "auto" uses a GPU when FAISS has GPU support
         and one is present.
@@ -269,6 +268,7 @@ class NeighborIndex:
         """Index all items of `bank`; return self."""
         if not len(bank):
             raise ValueError("Cannot index an empty memory.")
+        self._check_screen()
         self.bank_ = bank
         self.on_gpu_ = self.by_row_ = self._wants_gpu()
         if self.index == "flat" and not self.on_gpu_:
@@ -379,6 +379,19 @@ class NeighborIndex:
         return self._search(queries, k)
 
     def _search(self, queries, k):
+        fmt = None
+        if self.faiss_index_ is None and k < len(self.bank_):
+            fmt = screen_format(self._screen(), queries.shape[0], self.bank_.n_slots,
+                                queries.shape[1])
+        if fmt is None:
+            return self._float32_search(queries, k)
+        sims, rows, done = certified_search(queries, self.bank_, k, fmt)
+        if not done.all():
+            rest = np.flatnonzero(~done)
+            sims[rest], rows[rest] = self._float32_search(queries[rest], k)
+        return sims, rows
+
+    def _float32_search(self, queries, k):
         margin = min(len(self.bank_) - k, max(4, k // 4))
         sims, rows = self._raw_search(queries, k + max(margin, 0))
         return canonical_neighbours(queries, self.bank_, sims, rows, k,
@@ -401,6 +414,19 @@ class NeighborIndex:
 
     # -- helpers ---------------------------------------------------------------------
 
+    def _screen(self):
+        return (self.params or {}).get("screen", "auto")
+
+    def _check_screen(self):
+        if "screen" not in (self.params or {}):
+            return
+        if self.index not in ("flat", "Flat"):
+            raise ValueError(f"Search parameter screen applies to the exact index ('flat') "
+                             f"only, not to {self.index!r}.")
+        if self._screen() not in SCREEN_OPTIONS:
+            raise ValueError(f"screen must be one of {SCREEN_OPTIONS}, got "
+                             f"{self._screen()!r}.")
+
     def _wants_gpu(self):
         if self.device == "cuda" and not faiss_has_gpu():
             raise ValueError("device='cuda' but FAISS has no GPU support or sees no GPU.")
@@ -412,7 +438,7 @@ class NeighborIndex:
 
     def _set_search_params(self):
         params = dict(_DEFAULT_PARAMS.get(self.index, {}))
-        params.update(self.params or {})
+        params.update({k: v for k, v in (self.params or {}).items() if k != "screen"})
         space = faiss.GpuParameterSpace() if self.on_gpu_ else faiss.ParameterSpace()
         for key, value in params.items():
             try:

@@ -1,10 +1,15 @@
 """Shared fixtures: a tiny random open_clip model in a local checkpoint, images on disk."""
 
 import json
+import os
+import tempfile
 import warnings
 
 import numpy as np
 import pytest
+
+# Certified search caches its measured choices here, not in the user's home.
+os.environ.setdefault("SKMML_CACHE_DIR", tempfile.mkdtemp(prefix="skmml-test-cache-"))
 
 TINY_CLIP = {
     "embed_dim": 16,

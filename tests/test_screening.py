@@ -1,0 +1,214 @@
+"""Certified exact search (skmml.screening): a reduced-precision screen, a float32 re-rank.
+
+The screen may only change how fast the exact index is, never what it returns:
+every test compares ids and their order with float32 search (``screen="off"``)
+and with a float64 reference, on data built to defeat a screen.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from skmml import KNNVoteClassifier, Memory, screening
+from skmml.retrieval import NeighborIndex
+
+FORMATS = ["fp16", "bf16"]
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference(bank, queries, k):
+    """The k best live slots by (float32 score, then lower id), scored pair by pair.
+
+    Float32 scores are those of the one fixed kernel the project orders by;
+    :func:`_check_near_optimal` checks them against float64 independently.
+    """
+    n, m = queries.shape[0], bank.n_slots
+    q, slots = np.repeat(np.arange(n), m), np.tile(np.arange(m), n)
+    scores = np.einsum("md,md->m", queries[q], bank.slot_embeddings[slots]).reshape(n, m)
+    scores[:, bank.dead_slots] = -np.inf
+    order = np.lexsort((np.broadcast_to(bank.slot_ids, scores.shape), -scores), axis=1)
+    _check_near_optimal(bank, queries, order[:, :k])
+    return order[:, :k]
+
+
+def _check_near_optimal(bank, queries, slots):
+    """In float64, no left-out item beats a returned one by more than float32 error."""
+    exact = queries.astype(np.float64) @ bank.slot_embeddings.astype(np.float64).T
+    exact[:, bank.dead_slots] = -np.inf
+    worst_kept = np.take_along_axis(exact, slots, axis=1).min(axis=1)
+    exact[np.arange(len(slots))[:, None], slots] = -np.inf
+    assert np.all(exact.max(axis=1) <= worst_kept + 1e-5)
+
+
+def _adversarial(kind, rng, d=64):
+    """(items, queries) on which a screen has to keep many candidates."""
+    if kind == "near_equal":
+        # Items on a thin shell around each query direction: exact scores
+        # within ~1e-4 of each other, far below the screen's bound.
+        q = _unit(rng.normal(size=(12, d)))
+        items = np.repeat(q, 150, axis=0) + 3e-3 * rng.normal(size=(1800, d))
+        return _unit(np.vstack([items, rng.normal(size=(400, d))])), q
+    if kind == "duplicates":
+        # Exact duplicates with different ids: ties go to the lower id.
+        base = _unit(rng.normal(size=(40, d)))
+        items = np.repeat(base, 30, axis=0)
+        return items[rng.permutation(len(items))], _unit(base[:10] + 0.05 * rng.normal(
+            size=(10, d)))
+    if kind == "sparse_large":
+        # Large and tiny components (fp16 underflow, bf16 coarse rounding).
+        items = rng.normal(size=(1500, d)) * np.where(rng.random((1500, d)) < 0.1, 1.0, 1e-5)
+        return _unit(items), _unit(items[:10] + 1e-3 * rng.normal(size=(10, d)))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", ["near_equal", "duplicates", "sparse_large"])
+@pytest.mark.parametrize("n_queries", [1, 25])
+def test_screened_search_equals_float32_search_on_adversarial_data(fmt, kind, n_queries):
+    rng = np.random.default_rng(0)
+    items, queries = _adversarial(kind, rng)
+    queries = np.resize(queries, (n_queries, queries.shape[1]))
+    bank = Memory(items, np.zeros(len(items), dtype=int)).image
+    for k in (1, 10, 200):
+        screened = NeighborIndex("flat", params={"screen": fmt}, device="cpu").build(bank)
+        plain = NeighborIndex("flat", params={"screen": "off"}, device="cpu").build(bank)
+        sims, slots = screened.search(queries, k)
+        ref_sims, ref_slots = plain.search(queries, k)
+        np.testing.assert_array_equal(slots, ref_slots)
+        np.testing.assert_array_equal(slots, _reference(bank, queries, k))
+        np.testing.assert_allclose(sims, ref_sims, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_k_up_to_1024_with_forgotten_and_added_items(fmt):
+    rng = np.random.default_rng(1)
+    memory = Memory(rng.normal(size=(3000, 32)), rng.integers(0, 4, 3000))
+    memory = memory.add(rng.normal(size=(50, 32)), np.zeros(50, dtype=int))
+    memory = memory.remove(np.arange(0, 3000, 20))  # dead slots, not yet compacted
+    bank = memory.image
+    assert bank.dead_slots.size
+    queries = _unit(rng.normal(size=(30, 32)))
+    for k in (1, 33, 1024):
+        for n in (1, 30):
+            sims, slots = NeighborIndex("flat", params={"screen": fmt},
+                                        device="cpu").build(bank).search(queries[:n], k)
+            np.testing.assert_array_equal(slots, _reference(bank, queries[:n], k))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_bound_holds_for_every_pair(fmt):
+    """|screened score - exact score| <= B, the bound of the module docstring."""
+    rng = np.random.default_rng(2)
+    for kind in ("near_equal", "sparse_large"):
+        items, queries = _adversarial(kind, rng)
+        bank = Memory(items, np.zeros(len(items), dtype=int)).image
+        view = screening.low_precision_view(bank, fmt)
+        low_q, bound = screening.screen_bound(queries, fmt, view)
+        screened = (low_q @ view[0].T).to(torch.float64).numpy()
+        exact = queries.astype(np.float64) @ bank.slot_embeddings.astype(np.float64).T
+        error = np.abs(screened - exact).max(axis=1)
+        assert np.all(error <= bound)
+        assert np.all(bound < 0.05)  # and is small enough to screen with
+
+
+def test_degenerate_memory_falls_back_to_float32_and_stays_exact():
+    """Identical items: every item is a candidate, so the queries go to float32 search."""
+    rng = np.random.default_rng(3)
+    items = np.repeat(_unit(rng.normal(size=(1, 16))), 500, axis=0)
+    bank = Memory(items, np.zeros(500, dtype=int)).image
+    queries = _unit(rng.normal(size=(5, 16)))
+    _, _, done = screening.certified_search(queries, bank, 3, "fp16")
+    assert not done.any()
+    _, slots = NeighborIndex("flat", params={"screen": "fp16"}, device="cpu").build(
+        bank).search(queries, 3)
+    np.testing.assert_array_equal(slots, np.tile([0, 1, 2], (5, 1)))  # ties: lower ids
+
+
+def test_the_low_precision_copy_is_half_the_bytes_and_follows_additions():
+    rng = np.random.default_rng(4)
+    memory = Memory(rng.normal(size=(1000, 64)), rng.integers(0, 3, 1000))
+    clf = KNNVoteClassifier(n_neighbors=5, index_params={"screen": "fp16"}).set_memory(memory)
+    # The first addition copies the memory once into a store with room to grow.
+    clf.partial_fit(rng.normal(size=(20, 64)), np.full(20, 7))
+    clf.predict(memory.image.embeddings[:1])
+    store = clf.memory_.image._store
+    copy = store.low_precision["fp16"]
+    assert set(store.low_precision) == {"fp16"}
+    assert copy.values.element_size() * 2 == store.embeddings.itemsize
+    assert copy.values.shape == store.embeddings.shape and copy.filled == 1020
+    new = rng.normal(size=(1, 64))
+    clf.partial_fit(new, [9])
+    assert clf.memory_.image._store is store  # appended in place
+    assert clf.predict(new)[0] == 9
+    assert store.low_precision["fp16"] is copy and copy.filled == 1021  # extended
+    ref = KNNVoteClassifier(n_neighbors=5, index_params={"screen": "off"}).set_memory(
+        clf.memory_)
+    Q = rng.normal(size=(40, 64))
+    np.testing.assert_array_equal(clf.kneighbors(Q)[1], ref.kneighbors(Q)[1])
+    np.testing.assert_array_equal(clf.predict(Q), ref.predict(Q))
+    np.testing.assert_allclose(clf.predict_proba(Q), ref.predict_proba(Q), rtol=1e-6)
+
+
+def test_readers_get_exact_answers_while_a_writer_adds_and_forgets():
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(2000, 32)), rng.integers(0, 5, 2000)
+    clf = KNNVoteClassifier(n_neighbors=8, index_params={"screen": "fp16"}).fit(X, y)
+    Q = _unit(rng.normal(size=(21, 32)))
+    stop, errors = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            state = clf._state  # one published version
+            index = state.backend.index
+            for n in (1, 21):
+                _, slots = index.search(Q[:n], 8)
+                expected = _reference(index.bank_, Q[:n], 8)
+                if not np.array_equal(slots, expected):
+                    errors.append(n)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for step in range(30):
+            clf.partial_fit(rng.normal(size=(5, 32)), rng.integers(0, 5, 5))
+            clf.forget(clf.memory_.image.ids[step * 3:step * 3 + 2])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+def test_screen_parameter_errors():
+    bank = Memory(np.eye(4), [0, 1, 2, 3]).image
+    with pytest.raises(ValueError, match="screen must be one of"):
+        NeighborIndex("flat", params={"screen": "int4"}).build(bank)
+    with pytest.raises(ValueError, match="applies to the exact index"):
+        NeighborIndex("hnsw", params={"screen": "fp16"}, device="cpu").build(bank)
+
+
+def test_auto_choice_is_measured_once_and_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKMML_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(screening, "_CHOICES", {})
+    calls = []
+    measure = screening._measure
+    monkeypatch.setattr(screening, "_measure",
+                        lambda regime, dim: calls.append((regime, dim)) or measure(regime, dim))
+    big = screening.AUTO_MIN_ITEMS
+    first = screening.screen_format("auto", 1, big, 24)
+    assert first in (None, "fp16", "bf16")
+    assert calls == [("single", 64)]  # measured at the dimension's power-of-two bucket
+    assert screening.screen_format("auto", 1, big, 50) == first and len(calls) == 1
+    assert screening.screen_format("auto", 5, big, 24) is None  # 2-19 queries: float32
+    assert screening.screen_format("auto", 1, big - 1, 24) is None  # small memory: float32
+    monkeypatch.setattr(screening, "_CHOICES", {})  # a new process reads the file
+    assert screening.screen_format("auto", 1, big, 24) == first and len(calls) == 1
+    assert screening.screen_format("off", 1, big, 24) is None
+    assert screening.screen_format("bf16", 5, 10, 24) == "bf16"
