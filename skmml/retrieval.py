@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .bank import is_in
+from .scann_index import ScannSearcher, resolve_params
 from .screening import SCREEN_OPTIONS, certified_search, rescore, screen_format
 
 #: Most queries per block when a search shows a progress bar.
@@ -222,8 +223,10 @@ class NeighborIndex:
     ----------
     index : str, default="flat"
         "flat" for exact search; "ivf", "ivfsq8", "ivfpq" or "hnsw" for an
-        approximate index sized from the memory; any other string is passed
-        to :func:`faiss.index_factory` (e.g. ``"IVF1024,SQ8"``).
+        approximate FAISS index sized from the memory; "scann" for ScaNN
+        (tree + anisotropic hashing + exact re-ordering; ``pip install
+        "skmml[scann]"``, :mod:`skmml.scann_index`); any other string is
+        passed to :func:`faiss.index_factory` (e.g. ``"IVF1024,SQ8"``).
     params : dict, default=None
         FAISS search parameters, e.g. ``{"nprobe": 32}`` or
         ``{"efSearch": 256}``, set with :class:`faiss.ParameterSpace`. The
@@ -231,7 +234,12 @@ class NeighborIndex:
         "bf16"}``: certified exact search with a reduced-precision screen
         (:mod:`skmml.screening`); "auto" (the default) screens where a
         one-time measurement found it faster on this machine, "off" always
-        searches in float32. The result is the same either way.
+        searches in float32. The result is the same either way. "scann"
+        takes ScaNN's build and search settings: ``num_leaves`` (default
+        sqrt(n)), ``num_leaves_to_search`` (num_leaves / 10),
+        ``training_sample_size``, ``dimensions_per_block`` (2),
+        ``anisotropic_quantization_threshold`` (0.2), ``reorder`` (exactly
+        re-scored candidates, 128) and ``brute_force`` (False).
     device : {"auto", "cpu", "cuda"}, default="auto"
         Where the index lives. "auto" uses a GPU when FAISS has GPU support
         and one is present.
@@ -270,6 +278,16 @@ class NeighborIndex:
             raise ValueError("Cannot index an empty memory.")
         self._check_screen()
         self.bank_ = bank
+        self.scann_ = None
+        if self.index == "scann":
+            if self.device == "cuda":
+                raise ValueError("index='scann' runs on the CPU only; use device='cpu' or "
+                                 "'auto', or a FAISS index on the GPU.")
+            self.on_gpu_ = self.by_row_ = False
+            self.faiss_index_ = None
+            self.scann_ = ScannSearcher(resolve_params(self.params, len(bank))).build(bank)
+            self.scann_version_ = self.scann_.version
+            return self
         self.on_gpu_ = self.by_row_ = self._wants_gpu()
         if self.index == "flat" and not self.on_gpu_:
             self.faiss_index_ = None
@@ -304,8 +322,13 @@ class NeighborIndex:
 
         This index is left as it is (searches may be running on it): exact
         search on the CPU just reads the new bank; a FAISS index is cloned
-        and the clone gets the new items; a GPU index is rebuilt.
+        and the clone gets the new items; a GPU index is rebuilt; a ScaNN
+        index upserts them (:mod:`skmml.scann_index`).
         """
+        if self.scann_ is not None:
+            new = slice(bank.n_slots - n_new, bank.n_slots)
+            return self._scann_changed(bank, lambda searcher: searcher.upsert(
+                bank.slot_embeddings[new], bank.slot_ids[new]))
         if self.faiss_index_ is None:
             return self._following(bank, None)
         if self.by_row_:
@@ -321,6 +344,8 @@ class NeighborIndex:
         This index is left as it is; see :meth:`add`. Index types that cannot
         remove (HNSW) are rebuilt from the remaining items.
         """
+        if self.scann_ is not None:
+            return self._scann_changed(bank, lambda searcher: searcher.delete(ids))
         if self.faiss_index_ is None:
             return self._following(bank, None)
         if self.by_row_:
@@ -339,11 +364,23 @@ class NeighborIndex:
     def _new(self):
         return NeighborIndex(self.index, self.params, self.device)
 
+    def _scann_changed(self, bank, change):
+        """The next version of a ScaNN index: changed in place if this is the newest."""
+        searcher = self.scann_
+        with searcher.lock:
+            if searcher.version == self.scann_version_:
+                change(searcher)
+                searcher.version += 1
+                index = self._following(bank, None)
+                index.scann_, index.scann_version_ = searcher, searcher.version
+                return index
+        return self._new().build(bank)  # a branch from an older version
+
     def _following(self, bank, faiss_index):
         """A new CPU index object over `bank` with `faiss_index` (None: exact search)."""
         index = self._new()
         index.bank_, index.on_gpu_, index.by_row_ = bank, False, False
-        index.faiss_index_ = faiss_index
+        index.faiss_index_, index.scann_ = faiss_index, None
         if faiss_index is not None:
             index._set_search_params()
         return index
@@ -380,7 +417,7 @@ class NeighborIndex:
 
     def _search(self, queries, k):
         fmt = None
-        if self.faiss_index_ is None and k < len(self.bank_):
+        if self.faiss_index_ is None and self.scann_ is None and k < len(self.bank_):
             fmt = screen_format(self._screen(), queries.shape[0], self.bank_.n_slots,
                                 queries.shape[1])
         if fmt is None:
@@ -399,9 +436,17 @@ class NeighborIndex:
 
     def _raw_search(self, queries, k):
         bank = self.bank_
-        if self.faiss_index_ is None:
+        if self.scann_ is not None:
+            with self.scann_.lock:
+                current = self.scann_.version == self.scann_version_
+                if current:
+                    sims, labels = self.scann_.search(queries, k)
+            if not current:  # superseded by a later change: exact over this version
+                return exact_search(queries, bank, k)
+        elif self.faiss_index_ is None:
             return exact_search(queries, bank, k)
-        sims, labels = self.faiss_index_.search(queries, k)
+        else:
+            sims, labels = self.faiss_index_.search(queries, k)
         missing = labels < 0
         slots = np.full(labels.shape, -1, dtype=np.int64)
         if self.by_row_:
@@ -453,6 +498,10 @@ class NeighborIndex:
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items() if k != "_gpu_resources"}
+        if getattr(self, "scann_", None) is not None:
+            with self.scann_.lock:
+                current = self.scann_.version == self.scann_version_
+                state["scann_"] = self.scann_.__getstate__() if current else None
         if self.faiss_index_ is not None:
             index = self.faiss_index_
             if self.on_gpu_:
@@ -462,6 +511,16 @@ class NeighborIndex:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("scann_", None)
+        if self.index == "scann" and "bank_" in state:
+            if state["scann_"] is None:  # pickled while superseded: rebuild its items
+                self.scann_ = ScannSearcher(resolve_params(self.params, len(self.bank_)))
+                self.scann_.build(self.bank_)
+            else:
+                self.scann_ = ScannSearcher.__new__(ScannSearcher)
+                self.scann_.__setstate__(state["scann_"])
+            self.scann_version_ = self.scann_.version
+            return
         if self.faiss_index_ is None:
             return
         index = faiss.deserialize_index(self.faiss_index_)
