@@ -9,28 +9,42 @@ Run from the repository root::
 What is measured, for memories of N items of d = 512 dimensions in 1000
 classes, k = 32 neighbours, rank voting:
 
-1. Machine figures: sgemm GFLOP/s (best float32 4096x512 @ 512x4096
-   product) and memory read bandwidth (best pass over a 1 GiB float32 array,
-   with a multi-threaded matrix-vector product and with a single-threaded
-   ``sum(axis=0)``). The higher bandwidth gives the streaming bound of exact
-   single-query search: bandwidth / (N * d * 4 bytes) queries/s.
-2. Queries/s of ``KNNVoteClassifier.predict`` (exact "flat" index), of
-   scikit-learn's ``KNeighborsClassifier(algorithm="brute",
-   metric="cosine").predict`` and of a raw ``faiss.IndexFlatIP.search`` alone,
-   for a batch of 4096 queries (best of ``--repeats`` rounds after a warm-up
-   call) and for single queries in a loop. Ours and raw FAISS are timed in
-   one process, interleaved, so that load from other work on the machine
-   hits both alike. Above 200,000 items scikit-learn gets a batch of 512
-   queries and 3 single queries; the table says so.
+1. Machine figures: the CPU and its reduced-precision instruction sets;
+   sgemm GFLOP/s (best float32 4096x512 @ 512x4096 product); torch GEMM
+   GFLOP/s in float32, bfloat16 and float16; memory read bandwidth (best
+   pass over a 1 GiB float32 array, with a multi-threaded matrix-vector
+   product and with a single-threaded ``sum(axis=0)``; and half-precision
+   matrix-vector products over 512 MiB). The higher float32 bandwidth gives
+   the streaming bound of exact single-query search: bandwidth / (N * d * 4
+   bytes) queries/s.
+2. Queries/s of ``KNNVoteClassifier.predict`` with the exact "flat" index:
+   the default (certified screen where measured faster, see
+   ``skmml.screening``), float32 only (``screen="off"``), and certified bf16
+   and fp16 forced; of scikit-learn's ``KNeighborsClassifier(algorithm=
+   "brute", metric="cosine").predict``; of a raw ``faiss.IndexFlatIP.search``
+   and a raw ScaNN brute-force search alone; for a batch of 4096 queries
+   (best of ``--repeats`` rounds after a warm-up call) and for single
+   queries in a loop. Ours and raw FAISS are timed in one process,
+   interleaved, so that load from other work on the machine hits both alike.
+   Above 200,000 items scikit-learn gets a batch of 512 queries and 3 single
+   queries, and a certified format the CPU only emulates (its GEMM slower
+   than float32) a batch of 256; the table says so. For each skmml variant,
+   the number of neighbour rows and predictions (batched, and 20 single
+   queries) that differ from float32 search, which must be 0; and each
+   method's fraction of its bound.
 3. Peak memory of each method (fit, a batched and a single prediction), each
    in its own process: the rise of the peak RSS over the RSS once the data is
-   loaded, as a multiple of the raw embedding bytes N * d * 4.
+   loaded, as a multiple of the raw embedding bytes N * d * 4 (the default
+   includes the half-precision copy a screen keeps, 0.5x).
 4. Approximate indexes: classifier accuracy against batched queries/s for
-   exact search, "IVF{nlist},Flat" over an nprobe sweep, "IVF{nlist},SQ8" and
+   exact search, "IVF{nlist},Flat" over an nprobe sweep, "IVF{nlist},SQ8",
+   "IVF{nlist},PQ{d/4}x4fs" (fast-scan PQ, d/8 bytes a vector), ScaNN over a ``num_leaves_to_search`` sweep and
    (up to 100,000 items, where its build is quick) "HNSW32" over an efSearch
    sweep, with fit (train + add) times and recall of the exact k nearest
-   neighbours; then the fastest setting within one accuracy point of exact
-   search.
+   neighbours; then the fastest setting of each index type within one
+   accuracy point of exact search. The same on real embeddings:
+   Fashion-MNIST EfficientNet-Lite0 features (``mml_data.py``; 16,000 in
+   memory, 4,000 queries).
 
 Each measurement runs in a fresh spawned process, so that peaks do not mix
 and the parent stays small. The data is synthetic (see the constants below),
@@ -86,13 +100,25 @@ HNSW_MAX_N = 100_000
 WARMUP_QUERIES = 64
 
 METHODS = {
-    "skmml": "skmml KNNVoteClassifier",
+    "skmml": "skmml KNNVoteClassifier (default)",
+    "skmml_fp32": "skmml, screen='off' (float32)",
+    "skmml_bf16": "skmml, certified bf16",
+    "skmml_fp16": "skmml, certified fp16",
     "faiss": "raw faiss IndexFlatIP.search",
+    "scann_bf": "raw ScaNN brute force",
     "sklearn": "sklearn KNeighborsClassifier",
 }
+#: index_params of each skmml variant.
+SCREENS = {"skmml": None, "skmml_fp32": {"screen": "off"}, "skmml_bf16": {"screen": "bf16"},
+           "skmml_fp16": {"screen": "fp16"}}
+#: A certified format whose GEMM is slower than float32 here gets this batch.
+EMULATED_BATCH = 256
 TARGETS = {  # what is checked, how, and the goal
-    "overhead": ("batched predict / raw FAISS search time", "<=", 1.2),
-    "single": ("single-query rate / streaming bound", ">=", 0.5),
+    "batched": ("batched predict (default) / raw FAISS search rate", ">=", 2.0),
+    "single_gain": ("single-query rate (default) / float32 skmml", ">=", 1.5),
+    "identical": ("neighbour rows + predictions differing from float32", "<=", 0),
+    "overhead": ("float32 batched predict / raw FAISS search time", "<=", 1.2),
+    "single": ("single-query rate (default) / streaming bound", ">=", 0.5),
     "memory": ("peak RSS rise / raw embedding bytes", "<=", 1.5),
     "ann": ("approximate speedup within 1 accuracy point", ">=", 5.0),
 }
@@ -208,8 +234,28 @@ def _timed(fn, *args):
     return time.perf_counter() - start, result
 
 
+def cpu_flags():
+    """The CPU's model and its reduced-precision instruction sets (Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
+              "amx_tile")
+    return model, [f for f in wanted if f in flags]
+
+
 def measure_machine():
-    """sgemm GFLOP/s and read bandwidths in GB/s, best of a few repeats."""
+    """GEMM rates (numpy float32; torch float32, bf16, fp16) in GFLOP/s and read
+    bandwidths in GB/s (float32, and half-precision matrix-vector), best of a few."""
+    import torch
+
     rng = np.random.default_rng(SEED)
     a = rng.standard_normal((4096, 512), dtype=np.float32)
     b = rng.standard_normal((512, 4096), dtype=np.float32)
@@ -219,11 +265,26 @@ def measure_machine():
     gemm_s = min(_timed(np.matmul, a, b)[0] for _ in range(5))
     gemv_s = min(_timed(np.matmul, big, v)[0] for _ in range(5))
     sum_s = min(_timed(big.sum, 0)[0] for _ in range(3))
-    return {
+    out = {
         "sgemm_gflops": 2 * 4096 * 512 * 4096 / gemm_s / 1e9,
         "gemv_gbs": big.nbytes / gemv_s / 1e9,
         "sum_gbs": big.nbytes / sum_s / 1e9,
     }
+    # torch GEMMs on 2048 x 512 @ 512 x 2048 (emulated formats take seconds).
+    ta, tb = torch.from_numpy(a[:2048]), torch.from_numpy(b[:, :2048].copy())
+    half_big = torch.from_numpy(big[: big.shape[0] // 2])  # 512 MiB as float32
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16),
+                        ("fp16", torch.float16)):
+        x, y = ta.to(dtype), tb.to(dtype)
+        x @ y
+        seconds = min(_timed(torch.matmul, x, y)[0] for _ in range(3))
+        out[f"torch_{name}_gflops"] = 2 * 2048 * 512 * 2048 / seconds / 1e9
+        if name != "fp32":
+            m, w = half_big.to(dtype), torch.ones(D, dtype=dtype)
+            m @ w
+            seconds = min(_timed(torch.mv, m, w)[0] for _ in range(5))
+            out[f"{name}_gemv_gbs"] = m.numel() * 2 / seconds / 1e9
+    return out
 
 
 # -- exact search: ours, scikit-learn, raw FAISS ---------------------------------------
@@ -231,11 +292,17 @@ def measure_machine():
 
 def _fit(method, X, y):
     """Fit `method` on the memory; return its predict (or search) function."""
-    if method == "skmml":
+    if method in SCREENS:
         clf = KNNVoteClassifier(
-            n_neighbors=K, voting="rank", index="flat", index_device="cpu"
+            n_neighbors=K, voting="rank", index="flat", index_device="cpu",
+            index_params=SCREENS[method],
         )
         return clf.fit(X, y).predict
+    if method == "scann_bf":
+        from scann import scann_ops_pybind
+
+        searcher = scann_ops_pybind.builder(X, K, "dot_product").score_brute_force().build()
+        return lambda q: searcher.search_batched(q) if len(q) > 1 else searcher.search(q[0])
     if method == "sklearn":
         clf = KNeighborsClassifier(n_neighbors=K, algorithm="brute", metric="cosine")
         return clf.fit(X, y).predict
@@ -244,10 +311,15 @@ def _fit(method, X, y):
     return lambda q: index.search(q, K)
 
 
-def _workload(method, n, n_queries, n_single):
-    """(batch size, number of single queries): fewer for scikit-learn on large N."""
+def _workload(method, n, n_queries, n_single, machine=None):
+    """(batch size, number of single queries): fewer for scikit-learn on large N, and
+    a smaller batch for a certified format that this CPU only emulates."""
     if method == "sklearn" and n > SKLEARN_FULL_MAX_N:
         return min(n_queries, SKLEARN_LARGE_BATCH), min(n_single, SKLEARN_LARGE_SINGLE)
+    fmt = method.partition("_")[2]
+    if (method in SCREENS and fmt in ("bf16", "fp16") and machine is not None
+            and machine[f"torch_{fmt}_gflops"] < machine["torch_fp32_gflops"]):
+        return min(n_queries, EMULATED_BATCH), n_single
     return n_queries, n_single
 
 
@@ -270,11 +342,14 @@ def bench_memory(method, cache_dir, n, n_queries):
     }
 
 
-def bench_speed(methods, cache_dir, n, n_queries, n_single, repeats):
-    """Batched and single-query rates and accuracy, methods interleaved."""
+def bench_speed(methods, cache_dir, n, n_queries, n_single, repeats, machine=None):
+    """Batched and single-query rates and accuracy, methods interleaved; for skmml's
+    variants, how many neighbour rows and predictions differ from float32 search."""
+    from skmml import screening
+
     X, y, Q, qy = load_data(cache_dir, n, n_queries)
     predictors = {m: _fit(m, X, y) for m in methods}
-    workload = {m: _workload(m, n, n_queries, n_single) for m in methods}
+    workload = {m: _workload(m, n, n_queries, n_single, machine) for m in methods}
     for predict in predictors.values():
         predict(Q[:WARMUP_QUERIES])
         predict(Q[:1])
@@ -290,6 +365,7 @@ def bench_speed(methods, cache_dir, n, n_queries, n_single, repeats):
             if i < workload[m][1]:
                 single_s[m] += _timed(predict, Q[i : i + 1])[0]
     rows = {}
+    reference = predictors["skmml_fp32"].__self__ if "skmml_fp32" in methods else None
     for m in methods:
         batch, single = workload[m]
         rows[m] = {
@@ -298,25 +374,56 @@ def bench_speed(methods, cache_dir, n, n_queries, n_single, repeats):
             "single": single,
             "single q/s": single / single_s[m],
             "accuracy %": (
-                np.nan if m == "faiss" else 100 * np.mean(predictions[m] == qy[:batch])
+                np.nan if m in ("faiss", "scann_bf")
+                else 100 * np.mean(predictions[m] == qy[:batch])
             ),
         }
+        if m in SCREENS and reference is not None:
+            clf = predictors[m].__self__
+            batch_q, single_q = Q[:batch], Q[:min(single, 20)]
+            differ = int(np.sum(np.any(clf.kneighbors(batch_q)[1]
+                                       != reference.kneighbors(batch_q)[1], axis=1)))
+            differ += int(np.sum(predictions[m] != reference.predict(batch_q)))
+            # One at a time too: the single-query path may screen differently.
+            for q in single_q:
+                differ += int(np.any(clf.kneighbors(q[None])[1]
+                                     != reference.kneighbors(q[None])[1]))
+            rows[m]["differ"] = differ
+            rows[m]["screen (1 / batch)"] = "/".join(
+                str(screening.screen_format((SCREENS[m] or {}).get("screen", "auto"), nq,
+                                            n, D)) for nq in (1, batch))
     return rows
 
 
 # -- approximate indexes ---------------------------------------------------------------
 
 
-def _sweeps(n):
-    """(index, search parameter, values) to sweep for a memory of `n` items."""
+def _sweeps(n, d):
+    """(index, build parameters, search parameter, values) to sweep for `n` items of `d`."""
     nlist = min(1024, 2 ** int(np.log2(n // 39)))  # FAISS wants >= 39 points per list
+    leaves = int(np.sqrt(n))
     sweeps = [
-        (f"IVF{nlist},Flat", "nprobe", (1, 4, 8, 16, 32, 64)),
-        (f"IVF{nlist},SQ8", "nprobe", (4, 16, 64)),
+        (f"IVF{nlist},Flat", None, "nprobe", (1, 4, 8, 16, 32, 64)),
+        (f"IVF{nlist},SQ8", None, "nprobe", (4, 16, 64)),
+        # 4-bit fast-scan PQ, d/4 sub-quantisers: d/8 bytes a vector, quick to train.
+        (f"IVF{nlist},PQ{d // 4}x4fs", None, "nprobe", (8, 32, 64)),
+        ("scann", {"num_leaves": leaves, "reorder": 256}, "num_leaves_to_search",
+         sorted({max(1, int(leaves * f)) for f in (0.01, 0.025, 0.05, 0.1, 0.2)})),
     ]
     if n <= HNSW_MAX_N:
-        sweeps.append(("HNSW32", "efSearch", (16, 64, 256)))
+        sweeps.append(("HNSW32", None, "efSearch", (16, 64, 256)))
     return sweeps
+
+
+def load_real(n_queries):
+    """Fashion-MNIST EfficientNet-Lite0 features (benchmarks/mml_data.py): 20k items,
+    memory and queries split 80/20."""
+    import mml_data
+
+    data = mml_data.load_image_features(n_per_class=2000, seed=SEED)
+    X, y = data["X"], data["y"]
+    cut = len(X) - min(n_queries, len(X) // 5)
+    return X[:cut], y[:cut], X[cut:], y[cut:]
 
 
 def _set_search_params(clf, params):
@@ -325,8 +432,12 @@ def _set_search_params(clf, params):
     # on the fitted index through skmml's private NeighborIndex (what fit()
     # itself calls); set_params keeps the estimator's repr truthful.
     clf.set_params(index_params=params)
-    clf._state.index.params = params
-    clf._state.index._set_search_params()
+    index = clf._state.backend.index
+    index.params = params
+    if index.scann_ is not None:
+        index.scann_.settings.update(params)
+    else:
+        index._set_search_params()
 
 
 def _recall(ids, exact_ids):
@@ -335,16 +446,22 @@ def _recall(ids, exact_ids):
 
 
 def bench_ann(cache_dir, n, n_queries, repeats):
-    """Accuracy, recall, batched queries/s and fit time of exact and ANN indexes."""
-    X, y, Q, qy = load_data(cache_dir, n, n_queries)
+    """Accuracy, recall, batched queries/s and fit time of exact and ANN indexes.
+
+    `n` is a memory size of the synthetic data, or "real" for real embeddings.
+    """
+    X, y, Q, qy = load_real(n_queries) if n == "real" else load_data(cache_dir, n, n_queries)
+    n_queries = len(Q)
     rows = []
     exact_ids = None
-    for index, param, values in [("flat", None, (None,)), *_sweeps(n)]:
-        clf = KNNVoteClassifier(n_neighbors=K, voting="rank", index=index, index_device="cpu")
+    for index, build, param, values in [("flat", None, None, (None,)),
+                                        *_sweeps(len(X), X.shape[1])]:
+        clf = KNNVoteClassifier(n_neighbors=K, voting="rank", index=index, index_device="cpu",
+                                index_params=build)
         fit_s, _ = _timed(clf.fit, X, y)
         for value in values:
             if param is not None:
-                _set_search_params(clf, {param: value})
+                _set_search_params(clf, {**(build or {}), param: value})
             clf.predict(Q[:WARMUP_QUERIES])
             seconds = np.inf
             for _ in range(repeats):
@@ -394,6 +511,36 @@ def _print_table(table, **formats):
     print(table.to_string(index=False, na_rep="-", formatters=formatters))
 
 
+def report_ann(ann, what, repeats):
+    """Print an approximate-index table, the fastest setting of each index type
+    within one accuracy point of exact search, and return the overall fastest."""
+    print(f"\nApproximate indexes ({what}, best of {repeats}; fit = train + add):")
+    _print_table(
+        ann,
+        **{
+            "fit s": "{:.1f}",
+            "batch q/s": "{:,.1f}",
+            "accuracy %": "{:.2f}",
+            f"recall@{K}": "{:.3f}",
+            "speedup": "{:.2f}x",
+            "accuracy loss": "{:+.2f}",
+        },
+    )
+    print("Fastest setting of each index type within 1 accuracy point of exact search:")
+    for index in ann["index"].iloc[1:].unique():
+        best = best_within_one_point(pd.concat([ann.iloc[:1], ann[ann["index"] == index]]))
+        print(f"  {index:<18} " + ("none" if best is None else
+                                   f"{best['search params']}: {best['speedup']:.2f}x, "
+                                   f"recall {best[f'recall@{K}']:.3f}, "
+                                   f"{best['accuracy loss']:+.2f} points"))
+    best = best_within_one_point(ann)
+    if best is None:
+        return 0.0, " (no setting within 1 point)"
+    detail = f" ({best['index']} {best['search params']}, {best['accuracy loss']:+.2f} points)"
+    print(f"Fastest overall: {best['speedup']:.1f}x{detail}")
+    return best["speedup"], detail
+
+
 def bench_size(args, n, machine, n_queries, n_single, repeats):
     """Measure and print everything for a memory of `n` items; return summary rows."""
     print(f"\n=== N = {n:,} memory items, d = {D}, {N_CLASSES} classes, k = {K} ===")
@@ -410,21 +557,26 @@ def bench_size(args, n, machine, n_queries, n_single, repeats):
 
     methods = [m for m in METHODS if not (m == "sklearn" and args.skip_sklearn)]
     # Ours and raw FAISS are timed interleaved in one process, so that their
-    # ratio is fair on a loaded machine; scikit-learn in a process of its own,
-    # as its BLAS threads, still spinning after a call, would slow FAISS down.
+    # ratio is fair on a loaded machine; the certified formats beside float32
+    # in a second process (a memory's copies must fit in RAM); scikit-learn in
+    # a process of its own, as its BLAS threads, still spinning after a call,
+    # would slow FAISS down.
     rows = {}
-    for group in (["skmml", "faiss"], ["sklearn"]):
+    groups = (["skmml", "skmml_fp32", "faiss"], ["skmml_bf16", "skmml_fp16", "skmml_fp32"],
+              ["scann_bf"], ["sklearn"])
+    for group in groups:
         group = [m for m in group if m in methods]
         print(f"  timing {', '.join(METHODS[m] for m in group)} ...", flush=True)
-        rows.update(
-            run_isolated(
-                bench_speed, group, args.cache_dir, n, n_queries, n_single, repeats
-            )
+        measured = run_isolated(
+            bench_speed, group, args.cache_dir, n, n_queries, n_single, repeats, machine
         )
+        rows.update({m: r for m, r in measured.items() if m not in rows})
     for m in methods:
+        if m in ("skmml_bf16", "skmml_fp16"):
+            continue
         print(f"  peak memory of {METHODS[m]} ...", flush=True)
         rows[m].update(run_isolated(bench_memory, m, args.cache_dir, n, n_queries))
-    table = pd.DataFrame(rows.values(), index=[METHODS[m] for m in methods])
+    table = pd.DataFrame([rows[m] for m in methods], index=[METHODS[m] for m in methods])
     table = table.rename_axis("method").reset_index()
     print(
         f"\nExact search (batch q/s: best of {repeats} rounds after a warm-up; "
@@ -449,14 +601,35 @@ def bench_size(args, n, machine, n_queries, n_single, repeats):
             "its accuracy is over those queries.)"
         )
 
-    ours, raw = rows["skmml"], rows["faiss"]
-    overhead = raw["batch q/s"] / ours["batch q/s"]
+    ours, raw, fp32 = rows["skmml"], rows["faiss"], rows["skmml_fp32"]
+    batched = ours["batch q/s"] / raw["batch q/s"]
+    single_gain = ours["single q/s"] / fp32["single q/s"]
+    overhead = raw["batch q/s"] / fp32["batch q/s"]
     single_ratio = ours["single q/s"] / stream_bound
-    print(f"\nbatched predict time / raw FAISS search time: {overhead:.3f}")
+    differ = sum(r.get("differ", 0) for r in rows.values())
+    print(f"\nbatched predict rate (default) / raw FAISS search rate: {batched:.3f}")
+    print(f"single-query rate (default) / float32 skmml: {single_gain:.3f}")
+    print(f"float32 batched predict time / raw FAISS search time: {overhead:.3f}")
+    print(f"neighbour rows and predictions differing from float32 search: {differ}")
     print(
-        f"single-query rate / streaming bound: {single_ratio:.3f} "
+        f"single-query rate / float32 streaming bound: {single_ratio:.3f} "
         f"(raw FAISS: {raw['single q/s'] / stream_bound:.3f})"
     )
+    print("\nFraction of each method's bound (batched: its format's GEMM rate; single: "
+          "its format's read bandwidth over the memory's bytes in that format):")
+    for m, r in rows.items():
+        screen = r.get("screen (1 / batch)", "None/None").split("/")
+        fmts = {"skmml_bf16": ("bf16", "bf16"), "skmml_fp16": ("fp16", "fp16")}.get(
+            m, tuple("fp32" if f == "None" else f for f in screen))
+        single_fmt, batch_fmt = fmts
+        gflops = (machine["sgemm_gflops"] if batch_fmt == "fp32"
+                  else machine[f"torch_{batch_fmt}_gflops"])
+        gbs = (max(machine["gemv_gbs"], machine["sum_gbs"]) if single_fmt == "fp32"
+               else machine[f"{single_fmt}_gemv_gbs"])
+        width = 4 if single_fmt == "fp32" else 2
+        print(f"  {METHODS[m]:<36} batched {r['batch q/s'] / (gflops * 1e9 / (2 * n * D)):.3f}"
+              f" of {batch_fmt} GEMM, single {r['single q/s'] / (gbs * 1e9 / (n * D * width)):.3f}"
+              f" of {single_fmt} bandwidth")
     if "sklearn" in rows:
         sk = rows["sklearn"]
         print(
@@ -466,36 +639,12 @@ def bench_size(args, n, machine, n_queries, n_single, repeats):
 
     print("\n  approximate indexes ...", flush=True)
     ann = run_isolated(bench_ann, args.cache_dir, n, n_queries, repeats)
-    print(
-        f"\nApproximate indexes ({n_queries} queries batched, best of {repeats}; "
-        "fit = train + add):"
-    )
-    _print_table(
-        ann,
-        **{
-            "fit s": "{:.1f}",
-            "batch q/s": "{:,.1f}",
-            "accuracy %": "{:.2f}",
-            f"recall@{K}": "{:.3f}",
-            "speedup": "{:.2f}x",
-            "accuracy loss": "{:+.2f}",
-        },
-    )
-    best = best_within_one_point(ann)
-    if best is None:
-        ann_speedup, ann_detail = 0.0, " (no setting within 1 point)"
-    else:
-        ann_speedup = best["speedup"]
-        ann_detail = (
-            f" ({best['index']} {best['search params']}, "
-            f"{best['accuracy loss']:+.2f} points)"
-        )
-    print(
-        "Fastest setting within 1 accuracy point of exact search: "
-        f"{ann_speedup:.1f}x{ann_detail}"
-    )
+    ann_speedup, ann_detail = report_ann(ann, f"{n_queries} queries batched", repeats)
 
     measured = {
+        "batched": (batched, ""),
+        "single_gain": (single_gain, ""),
+        "identical": (differ, ""),
         "overhead": (overhead, ""),
         "single": (single_ratio, ""),
         "memory": (ours["peak rise / raw"], ""),
@@ -520,6 +669,11 @@ def main():
     )
     parser.add_argument(
         "--skip-sklearn", action="store_true", help="leave scikit-learn out"
+    )
+    parser.add_argument(
+        "--skip-real", action="store_true",
+        help="leave out the approximate indexes on real embeddings (needs "
+             "benchmarks/mml_data.py's Fashion-MNIST features)",
     )
     parser.add_argument(
         "--repeats",
@@ -550,6 +704,14 @@ def main():
         f"sgemm (float32 4096x512 @ 512x4096, best of 5): "
         f"{machine['sgemm_gflops']:.1f} GFLOP/s"
     )
+    model, flags = cpu_flags()
+    print(f"CPU: {model}; reduced-precision instruction sets: {', '.join(flags) or 'none'}")
+    print(
+        "torch GEMM (2048x512 @ 512x2048, best of 3): "
+        + ", ".join(f"{f} {machine[f'torch_{f}_gflops']:.1f}" for f in ("fp32", "bf16", "fp16"))
+        + " GFLOP/s; half-precision matrix-vector read bandwidth: "
+        f"bf16 {machine['bf16_gemv_gbs']:.1f}, fp16 {machine['fp16_gemv_gbs']:.1f} GB/s"
+    )
     print(
         f"read bandwidth over a 1 GiB float32 array: {machine['gemv_gbs']:.1f} GB/s "
         f"(matrix-vector product, all threads, best of 5), {machine['sum_gbs']:.1f} "
@@ -560,6 +722,11 @@ def main():
     summary = []
     for n in sizes:
         summary += bench_size(args, n, machine, n_queries, n_single, repeats)
+    if not args.skip_real:
+        print("\n=== Real embeddings: Fashion-MNIST, EfficientNet-Lite0 (1280-d), "
+              "16,000 in memory ===", flush=True)
+        ann = run_isolated(bench_ann, args.cache_dir, "real", n_queries, repeats)
+        report_ann(ann, f"{min(n_queries, 4000)} queries batched", repeats)
 
     print("\n=== Summary ===")
     _print_table(

@@ -21,7 +21,9 @@ mean prototype; it must be >= -0.01.
 Each is run on a clean test memory and on one with 20% of its items
 mislabelled; then a class-incremental run in 5 stages under a 2000-item
 memory budget (herding), and timings: training seconds per epoch and
-prediction throughput of MML vs KNNVoteClassifier over the same memory.
+prediction throughput of MML vs KNNVoteClassifier over the same memory (the
+trained heads also with ``heads_precision="bfloat16"``, with the number of
+predictions that differ from float32).
 
 Datasets (``benchmarks/mml_data.py`` builds and caches them offline):
 
@@ -228,19 +230,30 @@ def timings(fitted, memory, queries, repeats=3):
     }
     if fitted["MML"].best_epoch_:
         classifiers["MML, trained heads"] = fitted["MML"]
-    best = {}
+    best, predicted = {}, {}
     for name, clf in classifiers.items():
         clf.set_memory(memory)
-        clf.predict(queries)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            clf.predict(queries)
-            times.append(time.perf_counter() - start)
-        best[name] = min(times)
+        precisions = ["float32", "bfloat16"] if name == "MML, trained heads" else [None]
+        for precision in precisions:
+            label = name if precision in (None, "float32") else f"{name}, bfloat16"
+            if precision:
+                clf.set_params(heads_precision=precision)
+            predicted[label] = clf.predict(queries)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                clf.predict(queries)
+                times.append(time.perf_counter() - start)
+            best[label] = min(times)
+        if name == "MML, trained heads":
+            clf.set_params(heads_precision="auto")
     rows = [{"method": name, "queries/s": len(queries) / t,
              "time / kNN time": t / best["KNNVoteClassifier"]} for name, t in best.items()]
-    return pd.DataFrame(rows).set_index("method")
+    table = pd.DataFrame(rows).set_index("method")
+    table["predictions != float32"] = ""
+    table.loc["MML, trained heads, bfloat16", "predictions != float32"] = int(np.sum(
+        predicted["MML, trained heads, bfloat16"] != predicted["MML, trained heads"]))
+    return table
 
 
 def run(name, X, y, train_classes, test_classes, n_memory, n_train, max_epochs, seed,

@@ -216,6 +216,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--child", nargs=5)
+    parser.add_argument("--only", nargs="+", metavar="ENGINE:INDEX",
+                        help="run only these cells, e.g. faiss:flat server:IVF_FLAT")
     args = parser.parse_args()
     if args.child:
         engine, index, n, uri, token = args.child
@@ -239,6 +241,8 @@ def main():
                         ("lite", "IVF_FLAT", os.path.join(folder, f"lite_ivf_{n}.db")),
                         ("server", "FLAT", server_uri), ("server", "IVF_FLAT", server_uri)]
                 for engine, index, uri in runs:
+                    if args.only and f"{engine}:{index}" not in args.only:
+                        continue
                     print(f"running {engine} {index} N={n:,} ...", flush=True)
                     row = run_child([engine, index, n, uri or "-", ""])
                     if row:

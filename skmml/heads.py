@@ -142,21 +142,25 @@ class IntegrationHead(nn.Module):
         """
         q = self.q_proj(self.ln_q(query))
         gather = torch.is_grad_enabled() or q.device.type != "cpu"
-        if gather:
-            scores = torch.bmm(keys[neighbours], q[:, :, None])[:, :, 0]
-        else:
-            pattern = _neighbour_pattern(neighbours, torch.zeros_like(neighbours, dtype=q.dtype),
-                                         len(keys))
-            scores = torch.sparse.sampled_addmm(pattern, q, keys.T, beta=0.0).values()
-            scores = scores.view(neighbours.shape)
-        scores = scores / math.sqrt(self.dim)
-        if valid is not None:
-            scores = scores.masked_fill(~valid, -torch.inf)
-        attention = scores.softmax(dim=1).nan_to_num(0.0)
-        if gather:
-            attended = torch.bmm(attention[:, None, :], values[neighbours])[:, 0]
-        else:
-            attended = _neighbour_pattern(neighbours, attention, len(values)) @ values
+        # The attention itself (k scores and a weighted sum per query) is
+        # cheap: float32 even under bfloat16 autocast, like the keys and values.
+        with torch.autocast(q.device.type, enabled=False):
+            q = q.to(keys.dtype)
+            if gather:
+                scores = torch.bmm(keys[neighbours], q[:, :, None])[:, :, 0]
+            else:
+                pattern = _neighbour_pattern(
+                    neighbours, torch.zeros_like(neighbours, dtype=q.dtype), len(keys))
+                scores = torch.sparse.sampled_addmm(pattern, q, keys.T, beta=0.0).values()
+                scores = scores.view(neighbours.shape)
+            scores = scores / math.sqrt(self.dim)
+            if valid is not None:
+                scores = scores.masked_fill(~valid, -torch.inf)
+            attention = scores.softmax(dim=1).nan_to_num(0.0)
+            if gather:
+                attended = torch.bmm(attention[:, None, :], values[neighbours])[:, 0]
+            else:
+                attended = _neighbour_pattern(neighbours, attention, len(values)) @ values
         x = query + self._gated(self.gate_attention, self.out_proj(attended))
         x = x + self._gated(self.gate_mlp, self.mlp(self.ln_2(x)))
         out = x + query

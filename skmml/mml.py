@@ -23,6 +23,7 @@ from .heads import IntegrationHead
 from .memory import Memory
 from .milvus import MilvusMemory
 from .prototypes import PROTOTYPE_MODES, class_prototypes
+from ._machine import bf16_matmul_gain
 from .retrieval import NeighborIndex, drop_self
 
 BRANCHES = ("image", "text")
@@ -268,6 +269,16 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Seeds initialisation, shuffling and the class split.
     heads_device : {"auto", "cpu", "cuda"}, default="auto"
         Where the heads run; "auto" picks CUDA when torch sees a GPU.
+    heads_precision : {"auto", "float32", "bfloat16"}, default="auto"
+        Arithmetic of the heads' layers at prediction (training is always
+        float32): "bfloat16" runs their matrix products in bfloat16 (float32
+        accumulation; LayerNorms, softmax, the cosines with the prototypes and
+        the cached key / value projections of the memory stay float32). "auto" chooses bfloat16 for
+        heads on a CPU that multiplies bfloat16 at least 1.5x faster than
+        float32 (measured once per machine, :mod:`skmml._machine`), else
+        float32. Predictions may differ where two classes' logits are within
+        bfloat16's rounding (about 0.4% of a logit); ``bench_mml.py``
+        counts them.
     index : str, default="flat"
         Search index of each memory; see :class:`~skmml.NeighborIndex`.
     index_params : dict, default=None
@@ -347,6 +358,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         "min_validation_classes": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "heads_device": [StrOptions({"auto", "cpu", "cuda"})],
+        "heads_precision": [StrOptions({"auto", "float32", "bfloat16"})],
         "index": [str],
         "index_params": [dict, None],
         "index_device": [StrOptions({"auto", "cpu", "cuda"})],
@@ -375,6 +387,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         min_validation_classes=2,
         random_state=None,
         heads_device="auto",
+        heads_precision="auto",
         index="flat",
         index_params=None,
         index_device="auto",
@@ -399,6 +412,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         self.min_validation_classes = min_validation_classes
         self.random_state = random_state
         self.heads_device = heads_device
+        self.heads_precision = heads_precision
         self.index = index
         self.index_params = index_params
         self.index_device = index_device
@@ -694,7 +708,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         for branch, head in heads.items():
             prototypes = queries.view.prototype_tensor(branch, device)
             if cached and attention is None and state.identity[branch]:
-                z = z + query @ prototypes.T
+                z = z + _similarities(query, prototypes)
                 continue
             valid = None
             if self.retrieval == "none":
@@ -716,7 +730,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             out, weights = head(query, keys, values, rows, valid, return_attention=True)
             if attention is not None:
                 attention.setdefault(branch, []).append(weights.cpu().numpy())
-            z = z + torch.nn.functional.normalize(out, dim=1) @ prototypes.T
+            z = z + _similarities(torch.nn.functional.normalize(out.float(), dim=1),
+                                  prototypes)
         return self.logit_scale * z
 
     # -- the memory ----------------------------------------------------------------------
@@ -830,13 +845,21 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     @torch.no_grad()
     def _all_logits(self, state, queries, attention=None):
+        device = next(iter(state.heads.values())).q_proj.weight.device
         blocks = []
-        for start in range(0, len(queries), _INFERENCE_BATCH):
-            batch = np.arange(start, min(start + _INFERENCE_BATCH, len(queries)))
-            blocks.append(
-                self._logits(state.heads, queries, batch, state, attention).cpu().numpy()
-            )
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=self._bfloat16_heads(device)):
+            for start in range(0, len(queries), _INFERENCE_BATCH):
+                batch = np.arange(start, min(start + _INFERENCE_BATCH, len(queries)))
+                logits = self._logits(state.heads, queries, batch, state, attention)
+                blocks.append(logits.float().cpu().numpy())
         return np.concatenate(blocks)
+
+    def _bfloat16_heads(self, device):
+        """Whether prediction runs the heads' matrix products in bfloat16."""
+        if self.heads_precision == "auto":
+            return device.type == "cpu" and bf16_matmul_gain() >= _BF16_MIN_GAIN
+        return self.heads_precision == "bfloat16"
 
     def decision_function(self, X):
         """Logits ``z_c = s * (cos(out_img, p_img_c) + cos(out_txt, p_txt_c))``.
@@ -964,6 +987,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
 
 _INFERENCE_BATCH = 4096
+#: heads_precision="auto" takes bfloat16 where it multiplies this much faster.
+_BF16_MIN_GAIN = 1.5
 
 
 def _check_trainable(memory):
@@ -984,6 +1009,12 @@ def _check_known(y, memory):
         )
 
 
+def _similarities(x, prototypes):
+    """Cosines of unit rows with the prototypes, in float32 even under autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        return x.float() @ prototypes.T
+
+
 @torch.no_grad()
 def _projection(state, branch):
     """Keys and values of every item of a branch's bank, computed once per state.
@@ -994,8 +1025,10 @@ def _projection(state, branch):
     projected = state.projected.get(branch)
     if projected is None:
         head = state.heads[branch]
-        items = _as_tensor(state.view.banks[branch].embeddings, head.q_proj.weight.device)
-        projected = state.projected.setdefault(branch, head.project_memory(items))
+        device = head.q_proj.weight.device
+        items = _as_tensor(state.view.banks[branch].embeddings, device)
+        with torch.autocast(device.type, enabled=False):  # float32, whatever the reader
+            projected = state.projected.setdefault(branch, head.project_memory(items))
     return projected
 
 

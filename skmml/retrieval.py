@@ -291,6 +291,10 @@ class NeighborIndex:
         self.on_gpu_ = self.by_row_ = self._wants_gpu()
         if self.index == "flat" and not self.on_gpu_:
             self.faiss_index_ = None
+            # Decide now (measured once per machine) whether to screen, so
+            # that the first query does not pay for the measurement.
+            for n_queries in (1, SMALL_BATCH):
+                screen_format(self._screen(), n_queries, len(bank), bank.dim)
             return self
         spec = _factory_string(self.index, len(bank), bank.dim)
         try:

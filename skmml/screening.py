@@ -33,14 +33,14 @@ Whether the screen pays on this machine is measured once per process and
 dimension (:func:`screen_format`).
 """
 
-import json
-import os
 import threading
 import time
 import warnings
 
 import numpy as np
 import torch
+
+from ._machine import measured
 
 #: The reduced-precision formats a screen may use.
 FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -219,10 +219,6 @@ def certified_search(queries, bank, k, fmt):
 
 # -- choosing the format: measured once per process and dimension ------------------------
 
-_CHOICES = {}
-_CHOICES_LOCK = threading.Lock()
-
-
 def _fp16_accumulates_in_float32():
     get = getattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction", None)
     return get is None or not get()
@@ -294,7 +290,7 @@ def screen_format(requested, n_queries, n_items, dim):
     20 (2 to 19 queries share one float32 pass over the memory, which a
     per-query screen does not beat). Measurements are cached in this process
     and on disk (:func:`_cache_path`), keyed by the CPU's flags and the
-    library versions.
+    library versions (:func:`skmml._machine.measured`).
     """
     if requested == "off":
         return None
@@ -311,54 +307,5 @@ def screen_format(requested, n_queries, n_items, dim):
     else:
         return None
     width = max(64, 1 << (int(dim) - 1).bit_length())
-    key = f"{regime}/{width}"
-    with _CHOICES_LOCK:
-        if key not in _CHOICES:
-            _CHOICES.update(_read_cache())
-        if key not in _CHOICES:
-            _CHOICES[key] = _measure(regime, width)
-            _write_cache(_CHOICES)
-        return _CHOICES[key]
-
-
-def _cache_path():
-    """Where measured choices persist: per machine and library versions, under
-    ``$SKMML_CACHE_DIR`` (default ``~/.cache/skmml``)."""
-    import hashlib
-    import platform
-
-    folder = os.environ.get("SKMML_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "skmml")
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        cpu = ""
-    machine = "|".join([platform.machine(), platform.processor(), cpu, torch.__version__,
-                        np.__version__, str(os.cpu_count())])
-    digest = hashlib.sha256(machine.encode()).hexdigest()[:16]
-    return os.path.join(folder, f"screen-{digest}.json")
-
-
-def _read_cache():
-    try:
-        with open(_cache_path()) as f:
-            cached = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(cached, dict):
-        return {}
-    return {k: v for k, v in cached.items() if v is None or v in FORMATS}
-
-
-def _write_cache(choices):
-    """Write the choices atomically; a cache that cannot be written is skipped."""
-    path = _cache_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(choices, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    choice = measured(f"screen/{regime}/{width}", lambda: _measure(regime, width))
+    return choice if choice in FORMATS else None

@@ -455,3 +455,24 @@ def test_verbose_shows_progress_while_retrieving_for_a_prediction(digits, capsys
     assert "training" in capsys.readouterr().err
     clf.explain(X[600:1000])  # retrieval for 400 queries
     assert "searching" in capsys.readouterr().err
+
+
+def test_bfloat16_heads_predict_as_float32_heads_and_auto_follows_the_machine(monkeypatch):
+    memory, X, y = _multimodal_memory(d=32)
+    # "default" init: heads far from the identity, so bfloat16 rounding shows.
+    clf = MemoryModularClassifier(n_neighbors=5, max_epochs=3, memory=memory, random_state=0,
+                                  residual_init="default", validation_fraction=None,
+                                  heads_device="cpu").fit(X, y)
+    full = clf.set_params(heads_precision="float32").decision_function(X)
+    half = clf.set_params(heads_precision="bfloat16").decision_function(X)
+    # bfloat16 keeps 8 significant bits: logits agree to about 2^-8 of their scale.
+    assert 0 < np.abs(half - full).max() < 0.05 * np.abs(full).max()
+    np.testing.assert_array_equal(half.argmax(axis=1), full.argmax(axis=1))
+    explained = clf.explain(X[:2])
+    assert np.isfinite(explained["attention"]).all()
+    # The cached key / value projections stay float32 whichever precision filled them.
+    assert all(t.dtype == torch.float32 for kv in clf._state.projected.values() for t in kv)
+    for gain, expected in ((0.02, full), (3.0, half)):
+        monkeypatch.setattr(mml, "bf16_matmul_gain", lambda gain=gain: gain)
+        np.testing.assert_array_equal(
+            clf.set_params(heads_precision="auto").decision_function(X), expected)

@@ -6,6 +6,7 @@ and with a float64 reference, on data built to defeat a screen.
 """
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,8 +196,10 @@ def test_screen_parameter_errors():
 
 
 def test_auto_choice_is_measured_once_and_cached_on_disk(tmp_path, monkeypatch):
+    from skmml import _machine
+
     monkeypatch.setenv("SKMML_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(screening, "_CHOICES", {})
+    monkeypatch.setattr(_machine, "_CHOICES", {})
     calls = []
     measure = screening._measure
     monkeypatch.setattr(screening, "_measure",
@@ -208,7 +211,8 @@ def test_auto_choice_is_measured_once_and_cached_on_disk(tmp_path, monkeypatch):
     assert screening.screen_format("auto", 1, big, 50) == first and len(calls) == 1
     assert screening.screen_format("auto", 5, big, 24) is None  # 2-19 queries: float32
     assert screening.screen_format("auto", 1, big - 1, 24) is None  # small memory: float32
-    monkeypatch.setattr(screening, "_CHOICES", {})  # a new process reads the file
+    monkeypatch.setattr(_machine, "_CHOICES", {})  # a new process reads the file
+    assert list(tmp_path.iterdir()) == [Path(_machine.cache_path())]
     assert screening.screen_format("auto", 1, big, 24) == first and len(calls) == 1
     assert screening.screen_format("off", 1, big, 24) is None
     assert screening.screen_format("bf16", 5, 10, 24) == "bf16"
