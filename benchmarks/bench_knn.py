@@ -38,11 +38,12 @@ classes, k = 32 neighbours, rank voting:
    includes the half-precision copy a screen keeps, 0.5x).
 4. Approximate indexes: classifier accuracy against batched queries/s for
    exact search, "IVF{nlist},Flat" over an nprobe sweep, "IVF{nlist},SQ8",
-   "IVF{nlist},PQ{d/4}x4fs" (fast-scan PQ, d/8 bytes a vector), ScaNN over a ``num_leaves_to_search`` sweep and
-   (up to 100,000 items, where its build is quick) "HNSW32" over an efSearch
-   sweep, with fit (train + add) times and recall of the exact k nearest
-   neighbours; then the fastest setting of each index type within one
-   accuracy point of exact search. The same on real embeddings:
+   "IVF{nlist},PQ{d/4}x4fs" (fast-scan PQ, d/8 bytes a vector), ScaNN over
+   a ``num_leaves_to_search`` sweep and (up to 100,000 items, where its
+   build is quick) "HNSW32" over an efSearch sweep, with fit (train + add)
+   times and recall of the exact k nearest neighbours; then the fastest
+   setting of each index type within one accuracy point of exact search.
+   The same on real embeddings:
    Fashion-MNIST EfficientNet-Lite0 features (``mml_data.py``; 16,000 in
    memory, 4,000 queries).
 

@@ -469,7 +469,7 @@ class NeighborIndex:
     def _check_screen(self):
         if "screen" not in (self.params or {}):
             return
-        if self.index not in ("flat", "Flat"):
+        if self.index != "flat":
             raise ValueError(f"Search parameter screen applies to the exact index ('flat') "
                              f"only, not to {self.index!r}.")
         if self._screen() not in SCREEN_OPTIONS:

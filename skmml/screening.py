@@ -176,6 +176,11 @@ def certified_search(queries, bank, k, fmt):
     of live items.
     """
     n, d = queries.shape
+    if fmt == "fp16" and not _fp16_accumulates_in_float32():
+        # torch was told to accumulate float16 products in float16: the
+        # bound does not hold, so every query goes to float32 search.
+        return (np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64),
+                np.zeros(n, dtype=bool))
     view = low_precision_view(bank, fmt)
     values = view[0]
     n_slots = values.shape[0]

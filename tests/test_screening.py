@@ -216,3 +216,12 @@ def test_auto_choice_is_measured_once_and_cached_on_disk(tmp_path, monkeypatch):
     assert screening.screen_format("auto", 1, big, 24) == first and len(calls) == 1
     assert screening.screen_format("off", 1, big, 24) is None
     assert screening.screen_format("bf16", 5, 10, 24) == "bf16"
+
+
+def test_float16_accumulated_in_float16_is_never_trusted(monkeypatch):
+    bank = Memory(np.random.default_rng(6).normal(size=(300, 16)), np.zeros(300, int)).image
+    queries = _unit(np.random.default_rng(7).normal(size=(4, 16)))
+    monkeypatch.setattr(screening, "_fp16_accumulates_in_float32", lambda: False)
+    assert not screening.certified_search(queries, bank, 3, "fp16")[2].any()
+    _, slots = NeighborIndex("flat", params={"screen": "fp16"}).build(bank).search(queries, 3)
+    np.testing.assert_array_equal(slots, _reference(bank, queries, 3))
