@@ -70,7 +70,7 @@ import sklearn
 from sklearn.neighbors import KNeighborsClassifier
 
 import skmml
-from skmml import KNNVoteClassifier
+from skmml import KNNVoteClassifier, Memory
 
 D = 512
 N_CLASSES = 1000
@@ -291,14 +291,18 @@ def measure_machine():
 # -- exact search: ours, scikit-learn, raw FAISS ---------------------------------------
 
 
-def _fit(method, X, y):
-    """Fit `method` on the memory; return its predict (or search) function."""
+def _fit(method, X, y, memory=None):
+    """Fit `method` on the memory; return its predict (or search) function.
+
+    skmml's variants fit on (X, y), or share `memory` (a Memory of X, y) when
+    given, so that several fit in RAM together at N = 1M.
+    """
     if method in SCREENS:
         clf = KNNVoteClassifier(
             n_neighbors=K, voting="rank", index="flat", index_device="cpu",
             index_params=SCREENS[method],
         )
-        return clf.fit(X, y).predict
+        return (clf.fit(X, y) if memory is None else clf.set_memory(memory)).predict
     if method == "scann_bf":
         from scann import scann_ops_pybind
 
@@ -349,7 +353,8 @@ def bench_speed(methods, cache_dir, n, n_queries, n_single, repeats, machine=Non
     from skmml import screening
 
     X, y, Q, qy = load_data(cache_dir, n, n_queries)
-    predictors = {m: _fit(m, X, y) for m in methods}
+    memory = Memory(X, y) if any(m in SCREENS for m in methods) else None
+    predictors = {m: _fit(m, X, y, memory) for m in methods}
     workload = {m: _workload(m, n, n_queries, n_single, machine) for m in methods}
     for predict in predictors.values():
         predict(Q[:WARMUP_QUERIES])

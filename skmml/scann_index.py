@@ -34,6 +34,10 @@ PARAMS = ("num_leaves", "num_leaves_to_search", "training_sample_size",
           "brute_force")
 
 
+#: Batches of at least this many queries are searched on all cores.
+_PARALLEL_MIN = 512
+
+
 def _scann():
     try:
         from scann import scann_ops_pybind
@@ -148,8 +152,10 @@ class ScannSearcher:
         k_eff = min(k, len(self.ids))
         pre = -1 if s["brute_force"] else max(s["reorder"], k_eff)
         leaves = -1 if s["brute_force"] else s["num_leaves_to_search"]
+        parallel = len(queries) >= _PARALLEL_MIN  # ScaNN's own threads, 256 queries each
         positions, sims = self.raw.search_batched(
-            np.ascontiguousarray(queries, dtype=np.float32), k_eff, pre, leaves, False, 0)
+            np.ascontiguousarray(queries, dtype=np.float32), k_eff, pre, leaves, parallel,
+            256)
         positions = positions.astype(np.int64)
         missing = np.isnan(sims) | (positions >= len(self.ids))
         ids = np.where(missing, -1, self.ids[np.minimum(positions, len(self.ids) - 1)])
