@@ -146,11 +146,12 @@ def screen_bound(queries, fmt, view):
     return low, bound * (1 + 1e-9) + d * 2.0**-126 + 2.0**-40
 
 
-def _threshold_in_format(thr, fmt):
-    """The largest-or-smaller value of `fmt` at or below each float64 threshold."""
-    rel = 2 * _ROUNDOFF[fmt]
-    safe = thr - rel * np.abs(thr) - 2.0**-24
-    return torch.from_numpy(safe).to(FORMATS[fmt])
+def _float32_at_or_below(thr):
+    """Float32 thresholds no larger than the float64 ones (a conservative screen)."""
+    rounded = thr.astype(np.float32)
+    too_high = rounded.astype(np.float64) > thr
+    rounded[too_high] = np.nextafter(rounded[too_high], np.float32(-np.inf))
+    return torch.from_numpy(rounded)
 
 
 def rescore(queries, embeddings, q, slots):
@@ -198,11 +199,15 @@ def certified_search(queries, bank, k, fmt):
             scores = (values @ low_queries[rows][0])[None, :]  # matrix-vector kernel
         else:
             scores = low_queries[rows] @ values.T
+        # Selection runs on a float32 copy: exact (every float16 / bfloat16
+        # value is a float32), and torch's half-precision comparisons and
+        # top-k on a CPU are several times slower than the product.
+        scores = scores.float()
         if dead.numel():
             scores[:, dead] = -torch.inf
         kth = torch.topk(scores, k, dim=1, sorted=False).values.amin(dim=1)
         thr = kth.to(torch.float64).numpy() - 2 * bound[rows]
-        passed = scores >= _threshold_in_format(thr, fmt)[:, None]
+        passed = scores >= _float32_at_or_below(thr)[:, None]
         counts = passed.sum(dim=1).numpy()
         settled = counts <= cap
         if not settled.all():
