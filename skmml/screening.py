@@ -252,9 +252,9 @@ def _measure(regime, dim):
     """The fastest format for `regime` ("single" or "batch") at `dim`, or None for float32.
 
     Times the whole certified search (screen, selection, re-rank) against
-    float32 exact search on a synthetic memory of the regime's shape: 32 MB
-    of float32 items for one query (a memory-bound scan), 64 queries against
-    8192 items for a batch (compute-bound). A format that is not faster is
+    float32 exact search on a synthetic memory of the regime's shape: 64 MB
+    of float32 items for one query (a memory-bound scan, past the caches),
+    64 queries against 8192 items for a batch (compute-bound). A format that is not faster is
     dropped after one call, so the measurement takes well under a second
     where half precision is emulated.
     """
@@ -265,7 +265,7 @@ def _measure(regime, dim):
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    n_items = max(4096, (32 << 20) // (4 * dim)) if regime == "single" else 8192
+    n_items = max(4096, (64 << 20) // (4 * dim)) if regime == "single" else 8192
     n_queries = 1 if regime == "single" else 64
     items = rng.standard_normal((n_items, dim), dtype=np.float32)
     items /= np.linalg.norm(items, axis=1, keepdims=True)
