@@ -14,12 +14,27 @@ import json
 import os
 import platform
 import threading
+import time
 
 import numpy as np
 import torch
 
 _CHOICES = {}
 _LOCK = threading.Lock()
+
+
+def best_time(fn, repeats=3, give_up=np.inf):
+    """Best of `repeats` timed calls after a warm-up; stops early past `give_up` seconds."""
+    start = time.perf_counter()
+    fn()
+    best = time.perf_counter() - start
+    for _ in range(repeats):
+        if best > give_up:
+            break
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def measured(key, measure):
@@ -77,20 +92,9 @@ def bf16_matmul_gain():
     well below 1 where torch emulates it.
     """
     def measure():
-        import time
-
-        a = torch.randn(256, 1024)
-        b = torch.randn(1024, 1024)
-        times = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            x, y = a.to(dtype), b.to(dtype)
-            x @ y
-            best = np.inf
-            for _ in range(3):
-                start = time.perf_counter()
-                x @ y
-                best = min(best, time.perf_counter() - start)
-            times[dtype] = best
-        return times[torch.float32] / times[torch.bfloat16]
+        a, b = torch.randn(256, 1024), torch.randn(1024, 1024)
+        fp32 = best_time(lambda: a @ b)
+        a, b = a.bfloat16(), b.bfloat16()
+        return fp32 / best_time(lambda: a @ b)
 
     return measured("matmul/bf16_gain", measure)

@@ -122,7 +122,7 @@ class ScannSearcher:
         positions = self.raw.upsert([None] * len(ids),
                                     np.ascontiguousarray(embeddings, dtype=np.float32), 1)
         self.ids = np.concatenate([self.ids, ids])
-        if list(positions) != list(range(len(self.ids) - len(ids), len(self.ids))):
+        if not np.array_equal(positions, np.arange(len(self.ids) - len(ids), len(self.ids))):
             raise RuntimeError("ScaNN placed new points out of order.")
 
     def delete(self, ids):

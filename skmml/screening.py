@@ -29,18 +29,17 @@ handed back to plain float32 search; the answer is exact either way. The
 low-precision copy of a memory (half its float32 bytes) lives with the
 bank's append-only store (:mod:`skmml.bank`): built on first use, extended
 as items are added, never rewritten, so readers of any version share it.
-Whether the screen pays on this machine is measured once per process and
-dimension (:func:`screen_format`).
+Whether the screen pays is measured once per machine and dimension
+(:func:`screen_format`).
 """
 
 import threading
-import time
 import warnings
 
 import numpy as np
 import torch
 
-from ._machine import measured
+from ._machine import best_time, measured
 
 #: The reduced-precision formats a screen may use.
 FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,8 +51,9 @@ SCREEN_OPTIONS = ("auto", "off", "fp16", "bf16")
 MAX_CANDIDATE_FRACTION = 1 / 16
 #: Most screened scores (queries x items) one block holds.
 _SCREEN_BLOCK = 1 << 24
-#: Rows converted at a time when a store's copy is extended (bounded work memory).
-_CONVERT_BLOCK = 1 << 16
+#: Rows converted at a time when a store's copy is extended (its float64
+#: temporaries stay near 16 MB at d = 512).
+_CONVERT_BLOCK = 1 << 12
 #: (query, candidate) pairs re-scored at a time.
 _RESCORE_BLOCK = 8192
 #: The screen must beat float32 search by this factor to be chosen automatically.
@@ -234,20 +234,6 @@ def _fp16_accumulates_in_float32():
     return get is None or not get()
 
 
-def _best_time(fn, repeats=3, give_up=np.inf):
-    """Best of `repeats` timed calls after a warm-up; stops early past `give_up` seconds."""
-    start = time.perf_counter()
-    fn()
-    best = time.perf_counter() - start
-    for _ in range(repeats):
-        if best > give_up:
-            break
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _measure(regime, dim):
     """The fastest format for `regime` ("single" or "batch") at `dim`, or None for float32.
 
@@ -274,15 +260,15 @@ def _measure(regime, dim):
     bank = MemoryBank(items, np.zeros(n_items, dtype=np.int64), np.arange(n_items),
                       pd.DataFrame(index=pd.RangeIndex(n_items)))
     if regime == "single":
-        baseline = _best_time(lambda: _top_k_blas(queries, items, 32, bank.dead_slots))
+        baseline = best_time(lambda: _top_k_blas(queries, items, 32, bank.dead_slots))
     else:
-        baseline = _best_time(
+        baseline = best_time(
             lambda: faiss.knn(queries, items, 32, metric=faiss.METRIC_INNER_PRODUCT))
     best, choice = baseline / _MIN_GAIN, None
     for fmt in FORMATS:
         if fmt == "fp16" and not _fp16_accumulates_in_float32():
             continue
-        t = _best_time(lambda fmt=fmt: certified_search(queries, bank, 32, fmt),
+        t = best_time(lambda fmt=fmt: certified_search(queries, bank, 32, fmt),
                        give_up=2 * best)
         if t < best:
             best, choice = t, fmt

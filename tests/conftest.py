@@ -37,6 +37,39 @@ def tiny_clip(tmp_path_factory):
     return "skmml-tiny-clip", str(checkpoint)
 
 
+@pytest.fixture
+def read_while_writing():
+    """run(read, write, steps): `read()` in two threads while `write(step)` runs each step.
+
+    Returns what the reads returned that was not None: the inconsistent reads.
+    """
+    return _read_while_writing
+
+
+def _read_while_writing(read, write, steps, n_readers=2):
+    import threading
+
+    stop, bad = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            result = read()
+            if result is not None:
+                bad.append(result)
+
+    threads = [threading.Thread(target=reader) for _ in range(n_readers)]
+    for t in threads:
+        t.start()
+    try:
+        for step in range(steps):
+            write(step)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return bad
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """root/<class>/*.png (3 classes x 4 greyscale PNGs) and root/<class>.txt documents."""

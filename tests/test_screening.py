@@ -5,7 +5,6 @@ every test compares ids and their order with float32 search (``screen="off"``)
 and with a float64 reference, on data built to defeat a screen.
 """
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -156,35 +155,24 @@ def test_the_low_precision_copy_is_half_the_bytes_and_follows_additions():
     np.testing.assert_allclose(clf.predict_proba(Q), ref.predict_proba(Q), rtol=1e-6)
 
 
-def test_readers_get_exact_answers_while_a_writer_adds_and_forgets():
+def test_readers_get_exact_answers_while_a_writer_adds_and_forgets(read_while_writing):
     rng = np.random.default_rng(5)
     X, y = rng.normal(size=(2000, 32)), rng.integers(0, 5, 2000)
     clf = KNNVoteClassifier(n_neighbors=8, index_params={"screen": "fp16"}).fit(X, y)
     Q = _unit(rng.normal(size=(21, 32)))
-    stop, errors = threading.Event(), []
 
-    def reader():
-        while not stop.is_set():
-            state = clf._state  # one published version
-            index = state.backend.index
-            for n in (1, 21):
-                _, slots = index.search(Q[:n], 8)
-                expected = _reference(index.bank_, Q[:n], 8)
-                if not np.array_equal(slots, expected):
-                    errors.append(n)
+    def read():
+        index = clf._state.backend.index  # one published version
+        for n in (1, 21):
+            if not np.array_equal(index.search(Q[:n], 8)[1], _reference(index.bank_, Q[:n], 8)):
+                return n
+        return None
 
-    threads = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        for step in range(30):
-            clf.partial_fit(rng.normal(size=(5, 32)), rng.integers(0, 5, 5))
-            clf.forget(clf.memory_.image.ids[step * 3:step * 3 + 2])
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert not errors
+    def write(step):
+        clf.partial_fit(rng.normal(size=(5, 32)), rng.integers(0, 5, 5))
+        clf.forget(clf.memory_.image.ids[step * 3:step * 3 + 2])
+
+    assert not read_while_writing(read, write, steps=30)
 
 
 def test_screen_parameter_errors():
