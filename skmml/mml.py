@@ -272,13 +272,13 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     heads_precision : {"auto", "float32", "bfloat16"}, default="auto"
         Arithmetic of the heads' layers at prediction (training is always
         float32): "bfloat16" runs their matrix products in bfloat16 (float32
-        accumulation; LayerNorms, softmax, the cosines with the prototypes and
-        the cached key / value projections of the memory stay float32). "auto" chooses bfloat16 for
-        heads on a CPU that multiplies bfloat16 at least 1.5x faster than
-        float32 (measured once per machine, :mod:`skmml._machine`), else
-        float32. Predictions may differ where two classes' logits are within
-        bfloat16's rounding (about 0.4% of a logit); ``bench_mml.py``
-        counts them.
+        accumulation; LayerNorms, softmax, the cosines with the prototypes
+        and the cached key / value projections of the memory stay float32).
+        "auto" chooses bfloat16 for heads on a CPU that multiplies bfloat16
+        at least 1.5x faster than float32 (measured once per machine,
+        :mod:`skmml._machine`), else float32. Predictions may differ where
+        two classes' logits are within bfloat16's rounding (about 0.4% of a
+        logit); ``bench_mml.py`` counts them.
     index : str, default="flat"
         Search index of each memory; see :class:`~skmml.NeighborIndex`.
     index_params : dict, default=None
