@@ -145,6 +145,41 @@ def check_ids(ids, n, *, name="ids"):
     return ids
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def check_item_ids(ids, *, name="ids"):
+    """Return `ids` (ints or an integer array) as sorted unique int64, or raise.
+
+    Item ids are integers in ``0 .. 2**63 - 1``. Floats, strings and bools are
+    refused with a TypeError rather than converted (``1.5`` is not id 1 and
+    ``"3"`` is not id 3); values outside that range raise a ValueError.
+    """
+    if isinstance(ids, (bool, np.bool_)) or not isinstance(ids, np.ndarray) and any(
+            isinstance(v, (bool, np.bool_)) for v in np.ravel(np.asarray(ids, dtype=object))):
+        raise TypeError(f"{name} must be integers, got a bool.")
+    array = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
+    if array.ndim > 1:
+        raise ValueError(f"{name} must be a 1-D list of integers, got shape {array.shape}.")
+    array = array.reshape(-1)
+    if not array.size:
+        return np.empty(0, dtype=np.int64)
+    if array.dtype.kind == "O":
+        if not all(isinstance(v, (int, np.integer)) for v in array):
+            bad = next(v for v in array if not isinstance(v, (int, np.integer)))
+            raise TypeError(f"{name} must be integers, got {type(bad).__name__} {bad!r}.")
+        big = [int(v) for v in array if not 0 <= int(v) <= _INT64_MAX]
+        raise ValueError(f"{name} must be in 0 .. 2**63 - 1, got {big[0]}.")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got {array.dtype} values "
+                        f"(e.g. {array[0].item()!r}).")
+    if array.dtype.kind == "u" and array.max() > _INT64_MAX:
+        raise ValueError(f"{name} must be in 0 .. 2**63 - 1, got {int(array.max())}.")
+    if array.dtype.kind == "i" and array.min() < 0:
+        raise ValueError(f"{name} must be in 0 .. 2**63 - 1, got {int(array.min())}.")
+    return np.unique(array.astype(np.int64, copy=False))
+
+
 @contextmanager
 def input_metadata_kept_on_error(estimator):
     """Restore ``n_features_in_`` / ``feature_names_in_`` if the block raises.

@@ -13,17 +13,18 @@ class ExplanationDisplay:
     Built from a classifier (:meth:`from_estimator`) or from the DataFrame of
     its ``explain`` (:meth:`from_explanation`), as scikit-learn's displays
     are. With images, :meth:`plot` draws the query and then its neighbours in
-    rank order, each titled with its label, cosine similarity and vote weight
-    (:class:`~skmml.KNNVoteClassifier`) or attention weight (one row per
-    branch of :class:`~skmml.MemoryModularClassifier`; a text item shows its
-    text). Without images it draws a bar chart of the votes per class.
+    rank order, each titled with its label, cosine similarity and weight
+    (the vote of :class:`~skmml.KNNVoteClassifier`, or the attention of
+    :class:`~skmml.MemoryModularClassifier`, one row of panels per modality;
+    a text item shows its text). Without images it draws a bar chart of the
+    weights per class.
 
     Parameters
     ----------
     explanation : pandas.DataFrame
-        The rows of *one* query from ``explain``: ``rank``, ``id``,
-        ``label``, ``similarity`` and ``weight`` or ``attention`` (and
-        ``branch`` for MML), then metadata columns.
+        The rows of *one* query from ``explain``: ``modality``, ``rank``,
+        ``id``, ``label``, ``similarity`` and ``weight``, then metadata
+        columns.
     images : None, str, mapping or array-like, default=None
         The memory items' images: a mapping or array indexed by memory id
         (e.g. the array the memory was built from, when its ids are its
@@ -142,10 +143,11 @@ class ExplanationDisplay:
         import matplotlib.pyplot as plt
 
         rows = self.explanation
-        value = "attention" if "attention" in rows else "weight"
+        value = "weight"
         source = self._image_source(rows)
-        branches = list(rows["branch"].unique()) if "branch" in rows else [None]
-        k = int(rows.groupby("branch")["rank"].count().max()) if "branch" in rows else len(rows)
+        several = "modality" in rows and rows["modality"].nunique() > 1
+        branches = list(rows["modality"].unique()) if several else [None]
+        k = int(rows.groupby("modality")["rank"].count().max()) if several else len(rows)
         if ax is None:
             if source is None:
                 fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -183,8 +185,7 @@ class ExplanationDisplay:
         ax.bar_label(bars, fmt="%.2f")
         ax.set_xlabel("class")
         ax.set_ylabel(f"summed {value}")
-        ax.set_title(f"{'Attention' if value == 'attention' else 'Votes'} of the "
-                     f"{len(rows)} retrieved items per class")
+        ax.set_title(f"Weights of the {len(rows)} retrieved items per class")
         self.axes_ = [ax]
 
     def _plot_images(self, ax, rows, value, source, branches, k):
@@ -196,7 +197,7 @@ class ExplanationDisplay:
         query_panel.set_title("query", fontsize=8)
         self.axes_.append(query_panel)
         for r, branch in enumerate(branches):
-            part = rows if branch is None else rows[rows["branch"] == branch]
+            part = rows if branch is None else rows[rows["modality"] == branch]
             for c, item in enumerate(part.sort_values("rank").to_dict("records")):
                 panel = ax.inset_axes([(c + 1) / n_cols, 1 - (r + 1) / n_rows,
                                        1 / n_cols, 1 / n_rows])

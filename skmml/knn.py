@@ -4,23 +4,22 @@ from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 
 from ._state import State, publish, validate_aside, writer_lock
-from ._validation import check_n_neighbors, l2_normalize
-from .backends import LocalBackend
+from ._validation import check_n_neighbors
+from .backends import MemoryLike
+from .base import BaseMemoryClassifier
 from .memory import Memory
-from .milvus import MilvusMemory
 from .pruning import PRUNING_MODES, item_weights, wrong_neighbor_counts
-from .retrieval import NeighborIndex
 from .voting import VOTING_SCHEMES, staged_winners, tally, vote_weights
 
 
-class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
-    """k-nearest-neighbour classifier over a replaceable memory of embeddings.
+class KNNVoteClassifier(BaseMemoryClassifier):
+    """k-nearest-neighbor classifier over a replaceable memory of embeddings.
 
     The "visual memory" of Geirhos et al. (2024): a query is classified by
     the weighted votes of its nearest memory items (cosine similarity over
@@ -28,20 +27,20 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     memory, not in weights: items can be added (:meth:`partial_fit`),
     forgotten exactly (:meth:`forget`), pruned (:meth:`prune`) or swapped
     (:meth:`set_memory`) without retraining, and every decision can be
-    explained by the neighbours that voted (:meth:`explain`).
+    explained by the neighbors that voted (:meth:`explain`).
 
     Parameters
     ----------
     n_neighbors : int, default=10
-        Neighbours that vote, ``k``.
+        Neighbors that vote, ``k``.
     voting : {"rank", "softmax", "distance", "plurality"} or callable, default="rank"
-        Vote weight of a neighbour with 0-based rank ``i`` and cosine
+        Vote weight of a neighbor with 0-based rank ``i`` and cosine
         distance ``d``: ``1 / (i + rank_offset)``, ``exp((1 - d) /
         temperature)``, ``exp(-d) ** distance_exponent`` or ``1``. A callable
         gets ``(similarities, ranks)`` arrays of shape (n_queries, k) and
         returns non-negative weights of that shape.
     rank_offset : float, default=2.0
-        Offset of rank voting; the nearest neighbour weighs ``1 / rank_offset``.
+        Offset of rank voting; the nearest neighbor weighs ``1 / rank_offset``.
     temperature : float, default=0.07
         Temperature of softmax voting.
     distance_exponent : float, default=1.0
@@ -69,7 +68,11 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     ----------
     memory_ : Memory or MilvusMemory
         The memory that votes. Its image items have ids ``0 .. n-1`` after
-        ``fit(X, y)``; ids stay stable when items are added or forgotten.
+        ``fit(X, y)``; ids stay stable when items are added or forgotten,
+        and a forgotten id is never given to another item.
+    added_ids_ : ndarray of int64
+        Ids of the items that the last :meth:`partial_fit` or
+        ``set_memory(mode="expand")`` added (empty after any other change).
     classes_ : ndarray of shape (n_classes,)
         Classes of the memory's image items, sorted.
     n_features_in_ : int
@@ -89,7 +92,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     Notes
     -----
     **Ties** between classes go to the class whose weighted vote reached
-    the maximum first, scanning neighbours from the nearest (the reference
+    the maximum first, scanning neighbors from the nearest (the reference
     code's rule). :meth:`predict` follows this rule;
     ``argmax(predict_proba)`` takes the lowest class index on exact ties.
 
@@ -133,7 +136,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         "index_params": [dict, None],
         "index_device": [StrOptions({"auto", "cpu", "cuda"})],
         "verbose": ["verbose"],
-        "memory": [Memory, MilvusMemory, None],
+        "memory": [MemoryLike, None],
     }
 
     def __init__(
@@ -196,11 +199,14 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, classes=None, *, ids=None):
         """Add labelled embeddings to the memory, possibly of new classes.
 
         No retraining happens: the items are indexed and vote from the next
-        prediction on. New items get ids after the largest existing id.
+        prediction on. New items get ids from the memory's high-water mark
+        (``memory_.next_id``: after ``fit`` on ``n`` items, ``n, n + 1,
+        ...``; a forgotten id is never given again), or the given `ids`; the
+        ids given are in ``added_ids_``.
 
         Parameters
         ----------
@@ -211,6 +217,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         classes : array-like of shape (n_classes,), default=None
             Accepted for scikit-learn compatibility: when given, every label
             in ``y`` must be in it. It does not restrict later calls.
+        ids : array-like of int of shape (n_samples,), default=None
+            Ids of the new items: unique, not in the memory, ``>= 0``.
 
         Returns
         -------
@@ -227,122 +235,70 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
                 unknown = np.setdiff1d(y, classes)
                 if unknown.size:
                     raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
-            if first:
-                backend = (self._backend(Memory(X, y)) if self.memory is None
-                           else self._backend(self.memory).add(X, y))
-                self._adopt(backend, pruning=None, metadata=metadata)
+            if first and self.memory is None:
+                backend = self._backend(Memory(X, y, image_ids=ids))
+                self._adopt(backend, pruning=None, metadata=metadata,
+                            added_ids=backend.memory.image.ids)
             else:
-                state = self._state
-                self._adopt(state.backend.add(X, y), state.pruning)
+                backend = (self._backend(self.memory) if first
+                           else self._state.backend)
+                backend, added = backend.add(X, y, ids)
+                self._adopt(backend, added_ids=added,
+                            **({"pruning": None, "metadata": metadata} if first else {}))
         return self
 
-    def set_memory(self, memory, mode="replace", *, reassign_ids=False):
-        """Replace the memory, or expand it with new items; no retraining.
+    def _check_fits(self, memory, n_items=None):
+        n = memory.n_items() if n_items is None else n_items["image"]
+        if not n:
+            raise ValueError("The memory has no image items to vote with." if n_items is None
+                             else "forget() would leave the memory without image items.")
+        check_n_neighbors(self.n_neighbors, n)
+        state = getattr(self, "_state", None)
+        if state is not None and state.pruning is not None:
+            check_n_neighbors(state.pruning["n_neighbors"] + 1, n)
 
-        Parameters
-        ----------
-        memory : Memory or MilvusMemory
-            The new memory (``mode="replace"``), or the items to add
-            (``mode="expand"``: a :class:`Memory`, whose ids must not clash
-            with the current memory's). A :class:`~skmml.MilvusMemory` is
-            searched where it lives; see :ref:`scale`.
-        mode : {"replace", "expand"}, default="replace"
-            Replace builds a new index; expand indexes only the added items.
-        reassign_ids : bool, default=False
-            With ``mode="expand"``, give the added items new ids after the
-            largest in memory instead of raising on clashing ids.
+    _KEEP = object()
 
-        Returns
-        -------
-        self : KNNVoteClassifier
-        """
-        self._validate_params()
-        with writer_lock(self):
-            if mode == "expand":
-                if not isinstance(memory, Memory):
-                    raise TypeError("set_memory(mode='expand') adds the items of a Memory, got "
-                                    f"{type(memory).__name__}.")
-                state = self._read_state()
-                self._adopt(state.backend.expand(memory, reassign_ids), state.pruning)
-            elif mode == "replace":
-                if reassign_ids:
-                    raise ValueError("reassign_ids=True applies to mode='expand' only.")
-                backend = self._backend(memory)
-                state = getattr(self, "_state", None)
-                same = getattr(self, "n_features_in_", None) == backend.n_features
-                self._adopt(backend, None if state is None else state.pruning,
-                            metadata={"n_features_in_": backend.n_features,
-                                      "feature_names_in_": getattr(
-                                          self, "feature_names_in_", None) if same else None})
-            else:
-                raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
-        return self
-
-    def forget(self, ids):
-        """Remove items from the memory: exact unlearning, no retraining.
-
-        Parameters
-        ----------
-        ids : array-like of int
-            Ids of the items to forget (image or text items).
-
-        Returns
-        -------
-        self : KNNVoteClassifier
-        """
-        with writer_lock(self):
-            state = self._read_state()
-            ids = np.unique(np.asarray(ids, dtype=np.int64))
-            left = None if state.pruning is None else state.backend.n_items_without(ids)
-            if left:  # none left: the backend's own error says so
-                # Before the backend writes: a Milvus collection is changed at once.
-                self._check_k(state.pruning["n_neighbors"] + 1, left)
-            self._adopt(state.backend.remove(ids), state.pruning)
-        return self
-
-    def _backend(self, memory):
-        """The backend of `memory`: FAISS over an in-RAM Memory, or its Milvus collection."""
-        if isinstance(memory, Memory):
-            return LocalBackend.build(
-                memory, NeighborIndex(self.index, self.index_params, self.index_device))
-        if isinstance(memory, MilvusMemory):
-            return memory.backend()
-        raise TypeError(f"set_memory() needs a Memory or a MilvusMemory, got "
-                        f"{type(memory).__name__}.")
-
-    def _adopt(self, backend, pruning, metadata=None):
+    def _adopt(self, backend, replace=False, added_ids=None, pruning=_KEEP, metadata=None):
         """Make `backend`'s memory the estimator's memory, in one step.
 
-        Pruning, when on, is recomputed for the new memory before anything is
-        published (see :mod:`skmml._state`); with `metadata` (input metadata
-        from :func:`~skmml._state.validate_aside`), the expected queries
-        change in the same step.
+        Pruning (by default the published one), when on, is recomputed for
+        the new memory before anything is published (see :mod:`skmml._state`);
+        with `metadata` (input metadata from
+        :func:`~skmml._state.validate_aside`), the expected queries change in
+        the same step. A replacement keeps the feature names when the width
+        stays.
         """
+        previous = getattr(self, "_state", None)
+        if pruning is KNNVoteClassifier._KEEP:
+            pruning = None if previous is None else previous.pruning
+        if replace:
+            same = getattr(self, "n_features_in_", None) == backend.n_features
+            metadata = {"n_features_in_": backend.n_features, "feature_names_in_": getattr(
+                self, "feature_names_in_", None) if same else None}
         counts = None
         if pruning is not None:
-            self._check_k(pruning["n_neighbors"] + 1, backend.n_items)
+            check_n_neighbors(pruning["n_neighbors"] + 1, backend.n_items())
             counts = wrong_neighbor_counts(backend, pruning["n_neighbors"], bool(self.verbose))
-        self._publish(State(backend=backend, classes=backend.classes), pruning, counts,
-                      metadata)
+        added = np.empty(0, dtype=np.int64) if added_ids is None else np.asarray(added_ids)
+        self._publish(State(backend=backend, classes=backend.classes()), pruning, counts,
+                      metadata, added)
 
-    def _publish(self, state, pruning, counts, metadata=None):
+    def _publish(self, state, pruning, counts, metadata=None, added_ids=None):
         """Publish `state` with its pruning and the public attributes, in one step."""
         state = state.replace(pruning=pruning, wrong_counts=counts)
+        if added_ids is not None:
+            metadata = {**(metadata or {}), "added_ids_": added_ids}
         publish(self, state, memory_=state.backend.memory, classes_=state.classes,
                 pruning_=pruning, **(metadata or {}))
-
-    def _read_state(self):
-        """The published state, for a read (or a writer that derives the next one)."""
-        check_is_fitted(self)
-        return self._state
 
     # -- pruning ---------------------------------------------------------------------
 
     def prune(self, mode="hard", threshold=1, n_neighbors=None):
-        """Down-weight or exclude memory items that mislead their neighbours.
+        """Down-weight or exclude memory items that mislead their neighbors.
 
         Every memory item queries the memory (leave-one-out) and each
-        neighbour of another class gets one wrong-neighbour count. Pruning
+        neighbor of another class gets one wrong-neighbor count. Pruning
         is recomputed whenever the memory changes and undone by
         :meth:`unprune`; :meth:`pruning_report` shows which items are
         affected and why.
@@ -351,13 +307,13 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         ----------
         mode : {"hard", "soft"}, default="hard"
             "hard" excludes items with ``count >= threshold``: they are skipped
-            and do not consume a rank; a query whose neighbours are all
+            and do not consume a rank; a query whose neighbors are all
             excluded votes unpruned. "soft" multiplies each item's vote by
             ``1.75 / (1 + count)``.
         threshold : int, default=1
-            Wrong-neighbour count from which hard pruning excludes an item.
+            Wrong-neighbor count from which hard pruning excludes an item.
         n_neighbors : int, default=None
-            Neighbours per leave-one-out query; defaults to ``self.n_neighbors``.
+            Neighbors per leave-one-out query; defaults to ``self.n_neighbors``.
 
         Returns
         -------
@@ -370,7 +326,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         with writer_lock(self):
             state = self._read_state()
             k = self.n_neighbors if n_neighbors is None else n_neighbors
-            self._check_k(k + 1, state.backend.n_items)
+            check_n_neighbors(k + 1, state.backend.n_items())
             counts = wrong_neighbor_counts(state.backend, k, bool(self.verbose))
             pruning = {"mode": mode, "threshold": threshold, "n_neighbors": k}
             self._publish(state, pruning, counts)
@@ -383,7 +339,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def pruning_report(self):
-        """Per memory item: id, label, wrong-neighbour count, vote multiplier.
+        """Per memory item: id, label, wrong-neighbor count, vote multiplier.
 
         Returns
         -------
@@ -411,33 +367,23 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     # -- prediction --------------------------------------------------------------------
 
     def _search(self, X, k=None):
-        """(state, neighbours): one snapshot for the whole read."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
-        state = self._state
-        if X.shape[1] != state.backend.n_features:
-            # A memory of another width was published after validation: the
-            # read sees the new memory, so it fails as it would have after.
-            validate_data(self, X, reset=False)
+        """(state, neighbors): one snapshot for the whole read."""
+        state, X = self._snapshot(X)
         k = self.n_neighbors if k is None else k
-        self._check_k(k, state.backend.n_items)
-        return state, state.backend.search(l2_normalize(X), k, verbose=bool(self.verbose))
+        check_n_neighbors(k, state.backend.n_items())
+        return state, state.backend.search(X, k, verbose=bool(self.verbose))
 
-    @staticmethod
-    def _check_k(k, n_items):
-        check_n_neighbors(k, n_items)
-
-    def _vote(self, state, neighbours):
+    def _vote(self, state, neighbors):
         """Class codes, final vote weights and per-prefix winners of each query.
 
-        A neighbour whose class is not in the state's class list (an item a
+        A neighbor whose class is not in the state's class list (an item a
         concurrent writer put into a shared Milvus collection, with a new
         class the state has not published yet) counts as not found.
         """
-        sims, keys = neighbours.sims, neighbours.keys
+        sims, keys = neighbors.sims, neighbors.keys
         classes = state.classes
-        codes = np.minimum(np.searchsorted(classes, neighbours.labels), len(classes) - 1)
-        found = (keys >= 0) & (classes[codes] == neighbours.labels)
+        codes = np.minimum(np.searchsorted(classes, neighbors.labels), len(classes) - 1)
+        found = (keys >= 0) & (classes[codes] == neighbors.labels)
         hard = state.pruning is not None and state.pruning["mode"] == "hard"
         item_weight = None
         if state.pruning is not None:
@@ -474,7 +420,7 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         return codes[np.arange(codes.shape[0])[:, None], np.maximum(winners, 0)]
 
     def predict(self, X):
-        """Predict the class of each query by the weighted vote of its neighbours.
+        """Predict the class of each query by the weighted vote of its neighbors.
 
         Parameters
         ----------
@@ -485,12 +431,12 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         -------
         y : ndarray of shape (n_queries,)
         """
-        state, neighbours = self._search(X)
-        codes, _, winners = self._vote(state, neighbours)
+        state, neighbors = self._search(X)
+        codes, _, winners = self._vote(state, neighbors)
         return state.classes[self._winning_codes(codes, winners[:, -1:])[:, 0]]
 
     def staged_predict(self, X):
-        """Predictions for every ``k = 1 .. n_neighbors`` from one neighbour search.
+        """Predictions for every ``k = 1 .. n_neighbors`` from one neighbor search.
 
         Use it to choose ``k`` without searching again: the ``j``-th yielded
         array equals ``predict(X)`` with ``n_neighbors=j``.
@@ -503,10 +449,10 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         Yields
         ------
         y : ndarray of shape (n_queries,)
-            Predictions with the ``k`` nearest neighbours, for ``k = 1, 2, ...``.
+            Predictions with the ``k`` nearest neighbors, for ``k = 1, 2, ...``.
         """
-        state, neighbours = self._search(X)
-        codes, _, winners = self._vote(state, neighbours)
+        state, neighbors = self._search(X)
+        codes, _, winners = self._vote(state, neighbors)
         labels = state.classes[self._winning_codes(codes, winners)]
         for k in range(labels.shape[1]):
             yield labels[:, k]
@@ -514,8 +460,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Votes per class, normalised to sum to one.
 
-        A query whose neighbours all have zero weight gets probability one
-        for its predicted class (its nearest neighbour's).
+        A query whose neighbors all have zero weight gets probability one
+        for its predicted class (its nearest neighbor's).
 
         Parameters
         ----------
@@ -527,8 +473,8 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_queries, n_classes)
             Columns follow ``classes_``.
         """
-        state, neighbours = self._search(X)
-        codes, weights, winners = self._vote(state, neighbours)
+        state, neighbors = self._search(X)
+        codes, weights, winners = self._vote(state, neighbors)
         votes = tally(codes, weights, len(state.classes))
         total = votes.sum(axis=1)
         empty = total == 0
@@ -556,24 +502,24 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         distances : ndarray of shape (n_queries, n_neighbors)
             Cosine distances ``1 - similarity``; only if `return_distance`.
         ids : ndarray of shape (n_queries, n_neighbors)
-            Memory ids of the neighbours, nearest first (the row indices of
+            Memory ids of the neighbors, nearest first (the row indices of
             the training data as long as no item was forgotten); -1 where an
             approximate index found fewer items.
         """
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if X is None:
             state = self._read_state()
-            self._check_k(k + 1, state.backend.n_items)
+            check_n_neighbors(k + 1, state.backend.n_items())
             batches = [nb for _, _, nb in state.backend.leave_one_out(k, bool(self.verbose))]
             sims = np.concatenate([nb.sims for nb in batches])
             ids = np.concatenate([nb.ids for nb in batches])
         else:
-            _, neighbours = self._search(X, k)
-            sims, ids = neighbours.sims, neighbours.ids
+            _, neighbors = self._search(X, k)
+            sims, ids = neighbors.sims, neighbors.ids
         return (1.0 - sims, ids) if return_distance else ids
 
     def explain(self, X):
-        """The neighbours behind each decision, one row per (query, neighbour).
+        """The neighbors behind each decision, one row per (query, neighbor).
 
         Parameters
         ----------
@@ -583,35 +529,23 @@ class KNNVoteClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         explanation : pandas.DataFrame
-            Columns ``query`` (row of `X`), ``rank`` (0-based search rank),
-            ``id``, ``label``, ``similarity`` (cosine), ``weight`` (the vote
-            it cast; 0 for an item excluded by hard pruning), then the
-            item's metadata columns.
+            Columns ``query`` (row of `X`), ``modality`` ("image"), ``rank``
+            (0-based search rank), ``id``, ``label``, ``similarity``
+            (cosine), ``weight`` (the vote it cast; 0 for an item excluded
+            by hard pruning), then the item's metadata columns: the schema
+            of every skmml classifier.
         """
-        state, neighbours = self._search(X)
-        _, weights, _ = self._vote(state, neighbours)
-        n, k = neighbours.keys.shape
-        found = (neighbours.keys >= 0).ravel()
-        table = pd.DataFrame({
-            "query": np.repeat(np.arange(n), k)[found],
-            "rank": np.tile(np.arange(k), n)[found],
-            "id": neighbours.ids.ravel()[found],
-            "label": neighbours.labels.ravel()[found],
-            "similarity": neighbours.sims.ravel()[found],
-            "weight": weights.ravel()[found],
-        })
-        metadata = state.backend.metadata(neighbours.keys.ravel()[found])
-        return pd.concat([table, metadata], axis=1) if metadata.shape[1] else table
+        state, neighbors = self._search(X)
+        _, weights, _ = self._vote(state, neighbors)
+        return self._explain_frame(state.backend, "image", neighbors, weights)
 
-    def __getstate__(self):
-        state = dict(super().__getstate__())  # a copy: never alter the live estimator
-        published = state.get("_state")
-        if published is not None and published.pruning is not None:
-            # An in-RAM bank pickles its live items only (forgotten ones never
-            # reach a file), renumbered from slot 0: so do the pruning counts.
-            state["_state"] = published.replace(
-                wrong_counts=published.backend.for_pickle(published.wrong_counts))
-        return state
+    def _state_for_pickle(self, published):
+        if published.pruning is None:
+            return published
+        # An in-RAM bank pickles its live items only (forgotten ones never
+        # reach a file), renumbered from slot 0: so do the pruning counts.
+        return published.replace(
+            wrong_counts=published.backend.for_pickle(published.wrong_counts))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

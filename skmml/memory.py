@@ -10,14 +10,17 @@ import zipfile
 import numpy as np
 import pandas as pd
 
-from ._validation import (check_embeddings, check_ids, check_labels, check_nonzero_rows,
-                          l2_normalize)
+from ._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
+                          check_nonzero_rows, l2_normalize)
+from .backends import LocalBackend
 from .bank import empty_bank, make_bank
 from .herding import herding_order
 
 MODALITIES = ("image", "text")
 _FORMAT = "skmml.Memory"
-_FORMAT_VERSION = 1
+#: Version 2 stores the id high-water mark (``next_id``); version 1 files still load.
+_FORMAT_VERSION = 2
+_READ_VERSIONS = (1, 2)
 
 
 def _label_kind(labels):
@@ -40,9 +43,12 @@ class Memory:
     The memory is the single home of what skmml's classifiers know. Swapping it
     changes what a fitted classifier recognises, with no retraining. Each item
     has a stable unique int64 id (unique across both modalities) that every
-    neighbour-reporting API returns; items given without ids get consecutive
-    ids after the largest existing one, so a memory built from ``n`` images
-    has ids ``0 .. n-1``.
+    neighbour-reporting API returns. Items given without ids get consecutive
+    ids from :attr:`next_id`, a high-water mark that never goes back: it is
+    one above every id this memory, or any memory it was derived from, ever
+    held, so a forgotten id is never given to another item (also across
+    :meth:`save` / :meth:`load` and pickling). A memory built from ``n``
+    images has ids ``0 .. n-1``.
 
     A ``Memory`` is immutable: :meth:`add`, :meth:`remove`,
     :meth:`keep_classes`, :meth:`drop_classes` and :meth:`expand` return a new
@@ -89,6 +95,8 @@ class Memory:
     array([0, 1, 2, 3, 4, 5])
     >>> memory.remove([0, 1]).add(rng.normal(size=(1, 4)), ["emu"]).image.ids
     array([2, 3, 4, 5, 6])
+    >>> memory.remove([5]).add(rng.normal(size=(1, 4)), ["emu"]).image.ids  # 5 is not reused
+    array([0, 1, 2, 3, 4, 6])
     >>> memory.drop_classes(["owl"]).classes
     array(['cat', 'dog'], dtype='<U3')
     """
@@ -128,8 +136,12 @@ class Memory:
             banks[modality] = bank
         self._set_banks(banks.get("image"), banks.get("text"), check=True)
 
-    def _set_banks(self, image, text, check=False):
-        """Install the banks; `check` their compatibility unless the caller has."""
+    def _set_banks(self, image, text, check=False, next_id=None):
+        """Install the banks; `check` their compatibility unless the caller has.
+
+        `next_id` is the high-water mark (at least one above every id of the
+        banks); None computes it from the banks.
+        """
         filled = [b for b in (image, text) if b is not None and len(b)]
         if check and len(filled) == 2:
             _check_compatible(image, text, "text items")
@@ -137,6 +149,8 @@ class Memory:
         dtype = filled[0].slot_labels.dtype if filled else np.int64
         self.image = image if image is not None and len(image) else empty_bank(dim, dtype)
         self.text = text if text is not None and len(text) else empty_bank(dim, dtype)
+        above = max((b.max_id + 1 for b in filled), default=0) if next_id is None or check else 0
+        self._next_id = max(above, next_id or 0)
 
     @classmethod
     def from_folder(cls, root, image_encoder, text_encoder=None, **kwargs):
@@ -149,9 +163,9 @@ class Memory:
         return memory_from_folder(root, image_encoder, text_encoder, **kwargs)
 
     @classmethod
-    def _from_banks(cls, image, text, check=False):
+    def _from_banks(cls, image, text, check=False, next_id=None):
         memory = cls.__new__(cls)
-        memory._set_banks(image, text, check)
+        memory._set_banks(image, text, check, next_id)
         return memory
 
     # -- what the memory holds ---------------------------------------------------
@@ -174,6 +188,16 @@ class Memory:
         if not labels:
             return np.empty(0, dtype=self.image.labels.dtype)
         return np.unique(np.concatenate(labels) if len(labels) > 1 else labels[0])
+
+    @property
+    def next_id(self):
+        """The id that the next item added without an id gets (a high-water mark).
+
+        One above every id this memory, or any memory it was derived from,
+        ever held: removing items never lowers it, so an id is never reused.
+        ``memory.add(X, y)`` gives its items ``next_id .. next_id + len(X) - 1``.
+        """
+        return self._next_id
 
     def n_items(self, modality="image"):
         """Number of items of `modality` (as :meth:`MilvusMemory.n_items`)."""
@@ -203,6 +227,10 @@ class Memory:
             f"n_features={self.n_features}, n_classes={len(self.classes)})"
         )
 
+    def _as_backend(self, index, modalities, unified):
+        """The classifiers' view of this memory (see :mod:`skmml.backends`)."""
+        return LocalBackend.build(self, index, modalities, unified)
+
     # -- immutability: copies are the same object ---------------------------------
 
     def __copy__(self):
@@ -216,38 +244,41 @@ class Memory:
     def add(self, embeddings, labels, *, ids=None, metadata=None, modality="image"):
         """Return a memory with items added to the `modality` bank.
 
-        Without `ids`, the new items get consecutive ids after the largest
-        existing id.
+        Without `ids`, the new items get consecutive ids from
+        :attr:`next_id`; given `ids` must be unique and not in the memory, and
+        :attr:`next_id` moves above them. The ids of the new items are
+        ``new_memory.bank(modality).ids[-len(embeddings):]``.
         """
         old = self.bank(modality)
-        next_id = max((b.max_id + 1 for b in (self.image, self.text) if len(b)), default=0)
-        new = _new_bank(embeddings, labels, ids, metadata, modality, self.n_features, next_id)
+        new = _new_bank(embeddings, labels, ids, metadata, modality, self.n_features,
+                        self.next_id)
         clash = new.ids[self.image.contains(new.ids) | self.text.contains(new.ids)]
         if clash.size:
             raise ValueError(f"ids already in the memory: {clash[:10].tolist()}.")
         for bank in (self.image, self.text):
             if len(bank):
                 _check_compatible(bank, new, f"new {modality} items", check_ids=False)
-        return self._replaced(modality, old.append(new))
-
-    def _replaced(self, modality, bank):
+        next_id = max(self.next_id, int(new.ids.max()) + 1)
         if modality == "image":
-            return Memory._from_banks(bank, self.text)
-        return Memory._from_banks(self.image, bank)
+            return Memory._from_banks(old.append(new), self.text, next_id=next_id)
+        return Memory._from_banks(self.image, old.append(new), next_id=next_id)
 
     def remove(self, ids):
         """Return a memory without the items whose id is in `ids`.
 
-        Raises a ValueError if any id is not in the memory.
+        Ids are integers (a TypeError for floats, strings or bools); a
+        ValueError names any id that is not in the memory. :attr:`next_id`
+        stays: the removed ids are never given to new items.
         """
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = check_item_ids(ids)
         in_image, in_text = self.image.contains(ids), self.text.contains(ids)
         unknown = ids[~(in_image | in_text)]
         if unknown.size:
             raise ValueError(f"Unknown memory ids: {unknown[:10].tolist()}.")
         return Memory._from_banks(*(bank.without(ids[mask]) if mask.any() else bank
                                     for bank, mask in ((self.image, in_image),
-                                                       (self.text, in_text))))
+                                                       (self.text, in_text))),
+                                  next_id=self.next_id)
 
     def keep_classes(self, classes):
         """Return a memory holding only the items of `classes`."""
@@ -268,7 +299,7 @@ class Memory:
         for bank in (self.image, self.text):
             mask = np.isin(bank.labels, classes) == keep
             banks.append(bank if mask.all() else bank.take(np.flatnonzero(mask)))
-        return Memory._from_banks(*banks)
+        return Memory._from_banks(*banks, next_id=self.next_id)
 
     def limit(self, budget):
         """Return a memory of at most `budget` items per modality (class-incremental).
@@ -314,7 +345,7 @@ class Memory:
             kept = bank.take(keep)
             metadata = kept.metadata.assign(herding_rank=ranks[keep].astype(np.int64))
             banks.append(make_bank(kept.embeddings, kept.labels, kept.ids, metadata))
-        return Memory._from_banks(*banks)
+        return Memory._from_banks(*banks, next_id=self.next_id)
 
     def expand(self, other, *, reassign_ids=False):
         """Return the union of this memory and `other` (class-incremental expansion).
@@ -324,13 +355,14 @@ class Memory:
         other : Memory
             Items to add, both modalities.
         reassign_ids : bool, default=False
-            Give `other`'s items new consecutive ids after this memory's largest
-            id. Otherwise ids must not clash, and a clash raises a ValueError.
+            Give `other`'s items new consecutive ids from :attr:`next_id`
+            (images first). Otherwise ids must not clash, and a clash raises a
+            ValueError.
         """
         if not isinstance(other, Memory):
             raise TypeError(f"expand() needs a Memory, got {type(other).__name__}.")
         if reassign_ids:
-            other = other._renumbered(int(self.ids.max()) + 1 if len(self) else 0)
+            other = other._renumbered(self.next_id)
         clash = other.ids[self.image.contains(other.ids) | self.text.contains(other.ids)]
         if clash.size:
             raise ValueError(
@@ -341,7 +373,8 @@ class Memory:
             for theirs in (other.image, other.text):
                 if len(mine) and len(theirs):
                     _check_compatible(mine, theirs, "the other memory", check_ids=False)
-        return Memory._from_banks(self.image.append(other.image), self.text.append(other.text))
+        return Memory._from_banks(self.image.append(other.image), self.text.append(other.text),
+                                  next_id=max(self.next_id, other.next_id))
 
     def _renumbered(self, start):
         n_image = len(self.image)
@@ -355,7 +388,8 @@ class Memory:
             np.arange(start + n_image, start + n_image + len(text)),
             text.metadata,
         )
-        return Memory._from_banks(new_image, new_text)
+        return Memory._from_banks(new_image, new_text,
+                                  next_id=start + n_image + len(text))
 
     # -- persistence ---------------------------------------------------------------
 
@@ -368,7 +402,8 @@ class Memory:
         folder, flushed to disk (fsync) and renamed over `path`: a crash or a
         full disk during ``save`` leaves the previous file intact.
         """
-        header = {"format": _FORMAT, "version": _FORMAT_VERSION, "banks": {}}
+        header = {"format": _FORMAT, "version": _FORMAT_VERSION, "next_id": self.next_id,
+                  "banks": {}}
         arrays = {}
         for modality in MODALITIES:
             bank = self.bank(modality)
@@ -499,11 +534,15 @@ def _load_checked(path, max_bytes):
             raise ValueError(f"its header is not valid JSON ({exc})") from None
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
             raise ValueError("it is not a saved skmml Memory")
-        if header.get("version") != _FORMAT_VERSION:
+        if header.get("version") not in _READ_VERSIONS:
             raise ValueError(
                 f"it has Memory format version {header.get('version')}; this skmml reads "
-                f"version {_FORMAT_VERSION}"
+                f"versions {list(_READ_VERSIONS)}"
             )
+        next_id = header.get("next_id", 0)  # version 1 files: one above the largest id
+        if isinstance(next_id, bool) or not isinstance(next_id, int) or not (
+                0 <= next_id <= np.iinfo(np.int64).max):
+            raise ValueError(f"its header's next_id {next_id!r} is not an id")
         expected = {"header"} | {f"{m}_{a}" for m in MODALITIES
                                  for a in ("embeddings", "labels", "ids")}
         missing = expected - set(sizes)
@@ -542,7 +581,7 @@ def _load_checked(path, max_bytes):
                         f"row {off[0]} has norm {norms[off[0]]:.6g}); save() writes unit rows"
                     )
             banks.append(make_bank(embeddings, labels, ids, metadata))
-    return Memory._from_banks(*banks, check=True)
+    return Memory._from_banks(*banks, check=True, next_id=next_id)
 
 
 def _stored_labels(labels, dtype_str, modality):

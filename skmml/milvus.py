@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ._validation import check_embeddings, check_ids, check_labels, check_nonzero_rows
+from ._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
+                          check_nonzero_rows)
 from ._validation import l2_normalize
-from .backends import Neighbours
-from .retrieval import drop_self, tie_order
+from .backends import MemoryBackend, Neighbors
+from .retrieval import self_mask, tie_order
 
 #: Modality codes in the collection's ``modality`` field.
 MODALITY_CODES = {"image": 0, "text": 1}
@@ -44,6 +45,8 @@ TOKEN_ENV = "MILVUS_TOKEN"
 
 _FORMAT = "skmml.MilvusMemory"
 _ALLOCATOR_SUFFIX = "__skmml_ids"
+#: Most ids by which explicit ids may move the high-water mark in one call.
+_MAX_MARK_JUMP = 2**20
 #: Collection property holding the layout (labels' type, id base).
 _LAYOUT_KEY = "skmml.layout"
 
@@ -136,12 +139,17 @@ class MilvusMemory:
     Notes
     -----
     **Ids.** Items keep the int64 ids they had in the in-RAM memory. New
-    items (``partial_fit``, :meth:`add` without ids) get ids that no other
-    client can also get: each call reserves them by inserting placeholder
-    rows into a companion collection with Milvus-generated primary keys
-    (``<collection>__skmml_ids``), unique across clients; the ids are those
-    keys plus the collection's id base (one more than the largest id at
-    creation).
+    items (``partial_fit``, :meth:`add` without ids) get ids from a
+    high-water mark, :attr:`next_id`, as in :class:`~skmml.Memory`: after a
+    memory of ``n`` items, the next five get ids ``n .. n + 4``, and a
+    forgotten id is never given to another item, also across reconnects.
+    The mark lives in the collection: every id ever given has a placeholder
+    row, never deleted, in a companion collection
+    (``<collection>__skmml_ids``, 16 bytes a row) with a Milvus-generated
+    key, and an item's id is the collection's id base (the memory's
+    ``next_id`` at creation) plus its key's rank among those keys, so ids
+    reserved by concurrent clients of one server never clash. Explicit ids
+    above the mark move it above them (by at most 2**20 ids a call).
 
     **Consistency.** Milvus's default level (Bounded) hides recent inserts
     and deletes from the next search; this handle reads with "Strong" unless
@@ -303,6 +311,7 @@ class MilvusMemory:
         if not len(memory):
             raise ValueError("Cannot create a Milvus memory from an empty Memory.")
         labels_kind = _labels_kind(memory.classes)
+        id_base = memory.next_id
         pymilvus = _pymilvus()
         client = _connect(os.fspath(uri), token, timeout)
         where = f"Milvus collection {collection!r} at {os.fspath(uri)}"
@@ -311,7 +320,7 @@ class MilvusMemory:
                 raise ValueError(f"{where} already exists: open it with "
                                  "MilvusMemory(uri, collection), or drop it first.")
             _create_collection(client, collection, memory.n_features, labels_kind,
-                               int(memory.ids.max()) + 1, index_type, index_params or {})
+                               id_base, index_type, index_params or {})
         except pymilvus.exceptions.MilvusException as exc:
             _disconnect(os.fspath(uri), client)
             raise _connection_error(os.fspath(uri), collection, exc) from None
@@ -387,6 +396,20 @@ class MilvusMemory:
         """Sorted labels of the classes with at least one item."""
         return _classes(self._class_counts(), self._labels_kind)
 
+    @property
+    def next_id(self):
+        """The id that the next item added without an id gets (a high-water mark).
+
+        Read from the collection: every client sees the same mark.
+        """
+        return self._id_base + self._count(self.collection + _ALLOCATOR_SUFFIX)
+
+    def _count(self, name, where=""):
+        """Rows of collection `name` matching `where`, counted by Milvus."""
+        rows = self._call("count", self._client().query, name, filter=where,
+                          output_fields=["count(*)"], consistency_level="Strong")
+        return int(rows[0]["count(*)"])
+
     def n_items(self, modality="image"):
         """Number of items of `modality`."""
         return int(sum(self._class_counts()[modality].values()))
@@ -414,8 +437,11 @@ class MilvusMemory:
 
     def _scan(self, fields, where=""):
         """Pages of rows (dicts with `fields` and "id") matching `where`, streamed."""
+        return self._scan_collection(self.collection, fields, where)
+
+    def _scan_collection(self, name, fields, where=""):
         client = self._client()
-        iterator = self._call("query_iterator", client.query_iterator, self.collection,
+        iterator = self._call("query_iterator", client.query_iterator, name,
                               batch_size=self.batch_size, filter=where,
                               output_fields=list(fields))
         try:
@@ -591,6 +617,7 @@ class MilvusMemory:
                 clash = self._existing(ids)
                 if clash.size:
                     raise ValueError(f"ids already in the memory: {clash[:10].tolist()}.")
+                self._raise_mark(int(ids.max()) + 1)
             self._insert_all_or_nothing(_rows(ids, emb, labels, modality, metadata), ids)
             if self._counts is not None:
                 bucket = self._counts[modality]
@@ -603,7 +630,7 @@ class MilvusMemory:
 
         With `keep_images`, refuse (ValueError) to delete the last image items.
         """
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = check_item_ids(ids)
         with self._lock:
             rows = self.get(ids, ("label", "modality"))
             images = sum(row["modality"] == MODALITY_CODES["image"] for row in rows)
@@ -626,7 +653,12 @@ class MilvusMemory:
         return np.asarray(sorted(self._rows_by_id(ids, ["id"])), dtype=np.int64)
 
     def _reserve_ids(self, n):
-        """`n` ids no other client can get: Milvus-generated keys of placeholder rows."""
+        """The next `n` ids of the high-water mark; no other client can get them.
+
+        Each id has a placeholder row with a Milvus-generated key, kept for
+        good; the id is the id base plus the key's rank among all keys (see
+        Notes of :class:`MilvusMemory`).
+        """
         client = self._client()
         name = self.collection + _ALLOCATOR_SUFFIX
         keys = []
@@ -634,11 +666,29 @@ class MilvusMemory:
             size = min(self.batch_size, n - start)
             result = self._call("insert", client.insert, name, [{"slot": [0.0, 1.0]}] * size)
             keys.extend(result["ids"])
-        self._call("delete", client.delete, name, ids=keys)
-        ids = self._id_base + np.asarray(keys, dtype=np.int64)
-        if np.any(ids < self._id_base):
+        keys = np.sort(np.asarray(keys, dtype=np.int64))
+        first, last = int(keys[0]), int(keys[-1])
+        ranks = self._count(name, f"id < {first}") + np.arange(n)
+        if self._count(name, f"id >= {first} and id <= {last}") != n:
+            # Another client's keys fall between ours: rank ours among them.
+            span = np.sort(np.asarray([row["id"] for page in self._scan_collection(
+                name, [], f"id >= {first} and id <= {last}") for row in page],
+                dtype=np.int64))
+            ranks = ranks[0] + np.searchsorted(span, keys)
+        if self._id_base + int(ranks[-1]) < self._id_base:
             raise OverflowError(f"Ids of {self._where()} overflow int64.")
-        return ids
+        return self._id_base + ranks
+
+    def _raise_mark(self, above):
+        """Move the high-water mark to at least `above` (explicit ids past it)."""
+        gap = above - self.next_id
+        if gap > _MAX_MARK_JUMP:
+            raise ValueError(
+                f"ids up to {above - 1} are more than {_MAX_MARK_JUMP} above the next id of "
+                f"{self._where()} ({above - gap}): give ids below {above - gap + _MAX_MARK_JUMP}"
+                ", or none (new ids are then reserved).")
+        if gap > 0:
+            self._reserve_ids(gap)
 
     def _insert_all_or_nothing(self, rows, ids):
         client = self._client()
@@ -654,28 +704,33 @@ class MilvusMemory:
             raise
 
     def expand(self, memory, *, reassign_ids=False):
-        """Insert every item of the in-RAM `memory` (both modalities); return self.
+        """Insert every item of the in-RAM `memory` (both modalities); return their ids.
 
         Ids are kept (a clash is a ValueError, and nothing is inserted), or
-        with `reassign_ids` new ones are reserved.
+        with `reassign_ids` new ones are reserved (images first).
         """
         if not reassign_ids:
             clash = self._existing(memory.ids)
             if clash.size:
                 raise ValueError(f"ids already in the memory: {clash[:10].tolist()}; pass "
                                  "reassign_ids=True to renumber the added items.")
+        added = [np.empty(0, dtype=np.int64)]
         for modality in MODALITY_CODES:
             bank = memory.bank(modality)
             if len(bank):
-                self.add(bank.embeddings, bank.labels, modality=modality,
-                         ids=None if reassign_ids else bank.ids, metadata=bank.metadata)
-        return self
+                added.append(self.add(bank.embeddings, bank.labels, modality=modality,
+                                      ids=None if reassign_ids else bank.ids,
+                                      metadata=bank.metadata))
+        return np.concatenate(added)
 
     # -- the classifiers' interface ------------------------------------------------------
 
-    def backend(self):
-        """A :class:`MilvusBackend` over this collection's image items."""
-        return MilvusBackend(self)
+    def _as_backend(self, index, modalities, unified):
+        """The classifiers' view of this collection (see :mod:`skmml.backends`).
+
+        `index` does not apply: the collection has its own index.
+        """
+        return MilvusBackend.build(self, modalities, unified)
 
     def __repr__(self):
         return (f"MilvusMemory(uri={self.uri!r}, collection={self.collection!r}, "
@@ -710,28 +765,54 @@ class MilvusMemory:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-class MilvusBackend:
-    """A :class:`MilvusMemory`'s image items, for the classifiers; keys are ids.
+class MilvusBackend(MemoryBackend):
+    """A :class:`MilvusMemory` for the classifiers; keys are ids.
 
     Writes go to the shared collection and return a new backend whose class
-    list follows them.
+    list follows them. Prediction only: it has no key table, so searches
+    return the neighbors' vectors when asked.
     """
 
-    lists_all_items = False
-
-    def __init__(self, memory):
-        self.memory = memory
-        self.classes = _classes({"image": memory._class_counts()["image"]}, memory._labels_kind)
-        self.n_items = memory.n_items("image")
+    def __init__(self, memory, modalities=("image",)):
+        self.memory, self.modalities = memory, modalities
         self.n_features = memory.n_features
 
-    def search(self, queries, k, verbose=False):
-        sims, ids, labels = self.memory.search(queries, k, verbose=verbose)
-        return Neighbours(sims, ids, ids, labels)
+    @classmethod
+    def build(cls, memory, modalities, unified):
+        if unified:
+            raise ValueError("unified_memory=True searches one in-RAM bank of both "
+                             "modalities; a MilvusMemory is searched per modality.")
+        for modality in modalities:
+            if not memory.n_items(modality):
+                raise ValueError(f"The memory has no {modality} items to retrieve from.")
+        return cls(memory, modalities)
+
+    def n_items(self, modality="image"):
+        return self.memory.n_items(modality)
+
+    def classes(self, modalities=("image",)):
+        counts = self.memory._class_counts()
+        return _classes({m: counts[m] for m in modalities}, self.memory._labels_kind)
+
+    def search(self, queries, k, modality="image", *, exclude_ids=None, vectors=False,
+               verbose=False):
+        extra = int(exclude_ids is not None)
+        found = self.memory.search(queries, k + extra, modality=modality, vectors=vectors,
+                                   verbose=verbose)
+        sims, ids, labels = found[:3]
+        vecs = found[3] if vectors else None
+        if exclude_ids is not None:
+            is_self = ids == np.asarray(exclude_ids)[:, None]
+            n = ids.shape[0]
+            keep = ~self_mask(is_self)
+            sims, ids, labels = (a[keep].reshape(n, k) for a in (sims, ids, labels))
+            if vecs is not None:
+                vecs = vecs[keep].reshape(n, k, -1)
+        return Neighbors(sims, ids, ids, labels, vecs)
 
     def leave_one_out(self, k, verbose=False):
-        """Batches of (query keys, query labels, neighbours), streamed from the collection."""
-        with tqdm(total=self.n_items, desc="leave-one-out", unit="item",
+        """Batches of (query keys, query labels, neighbors), streamed from the collection."""
+        with tqdm(total=self.n_items(), desc="leave-one-out", unit="item",
                   disable=not verbose) as bar:
             for page in self.memory._scan(["embedding", "label"],
                                           f"modality == {MODALITY_CODES['image']}"):
@@ -739,40 +820,42 @@ class MilvusBackend:
                 queries = np.asarray([row["embedding"] for row in page], dtype=np.float32)
                 labels = _labels_array([row["label"] for row in page],
                                        self.memory._labels_kind)
-                all_sims, found, found_labels = self.memory.search(queries, k + 1)
-                is_self = found == ids[:, None]
-                sims, keys = drop_self(all_sims, found, is_self)
-                _, kept_labels = drop_self(all_sims, found_labels, is_self)
                 bar.update(len(ids))
-                yield ids, labels, Neighbours(sims, keys, keys, kept_labels)
+                yield ids, labels, self.search(queries, k, exclude_ids=ids)
 
-    def metadata(self, keys):
+    def metadata(self, keys, modality="image"):
         return self.memory.metadata(keys)
 
-    def items(self, keys):
-        rows = self.memory.get(keys, ("label",))
+    def items(self, keys=None):
+        if keys is None:
+            rows = [row for page in self.memory._scan(
+                ["label"], f"modality == {MODALITY_CODES['image']}") for row in page]
+            keys = np.asarray([row["id"] for row in rows], dtype=np.int64)
+        else:
+            rows = self.memory.get(keys, ("label",))
         return keys, np.asarray(keys, dtype=np.int64), _labels_array(
             [row["label"] for row in rows], self.memory._labels_kind)
 
-    def add(self, X, y):
-        self.memory.add(X, y)
-        return MilvusBackend(self.memory)
-
-    def expand(self, memory, reassign_ids=False):
-        self.memory.expand(memory, reassign_ids=reassign_ids)
-        return MilvusBackend(self.memory)
+    def class_memories(self, classes):
+        return self.memory.class_memories(classes)
 
     def n_items_without(self, ids):
-        """Image items left after removing `ids`."""
-        rows = self.memory._rows_by_id(ids, ["modality"]).values()
-        return self.n_items - sum(r["modality"] == MODALITY_CODES["image"] for r in rows)
+        rows = self.memory.get(ids, ("modality",))
+        gone = np.bincount([row["modality"] for row in rows], minlength=len(MODALITY_CODES))
+        return {m: self.memory.n_items(m) - int(gone[code])
+                for m, code in MODALITY_CODES.items()}
+
+    def add(self, X, y, ids=None):
+        ids = self.memory.add(X, y, ids=ids)
+        return MilvusBackend(self.memory, self.modalities), ids
+
+    def expand(self, memory, reassign_ids=False):
+        ids = self.memory.expand(memory, reassign_ids=reassign_ids)
+        return MilvusBackend(self.memory, self.modalities), ids
 
     def remove(self, ids):
-        self.memory.remove(ids, keep_images=True)
-        return MilvusBackend(self.memory)
-
-    def for_pickle(self, counts):
-        return counts
+        self.memory.remove(ids)
+        return MilvusBackend(self.memory, self.modalities)
 
 
 # -- helpers --------------------------------------------------------------------------------

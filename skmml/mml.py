@@ -4,11 +4,10 @@ import copy
 import warnings
 from numbers import Integral, Real
 
-import faiss
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import softmax
@@ -16,21 +15,17 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
+from ._machine import bf16_matmul_gain
 from ._state import State, publish, validate_aside, writer_lock
 from ._validation import check_n_neighbors, l2_normalize, resolve_device
-from .bank import MemoryBank, concat_banks
+from .backends import MODALITIES, MemoryLike
+from .bank import MemoryBank
+from .base import BaseMemoryClassifier
 from .heads import IntegrationHead
 from .memory import Memory
-from .milvus import MilvusMemory
 from .prototypes import PROTOTYPE_MODES, class_prototypes
-from ._machine import bf16_matmul_gain
-from .retrieval import NeighborIndex, drop_self
 
-BRANCHES = ("image", "text")
-
-
-def _torch_device(device):
-    return torch.device(resolve_device(device))
+BRANCHES = MODALITIES
 
 
 def _as_tensor(array, device):
@@ -44,32 +39,26 @@ def _as_tensor(array, device):
         return torch.from_numpy(array).to(device)
 
 
-class _MemoryView:
-    """What one memory gives the heads: per branch a bank and its index, and prototypes."""
+class _View:
+    """What one memory's backend gives the heads: neighbors per branch, and prototypes.
 
-    def __init__(self, memory, branches, estimator, support=None):
-        self.classes = memory.classes
+    Prototypes are computed once per view, a few classes at a time
+    (:meth:`~skmml.backends.MemoryBackend.class_memories`), so a memory that
+    lives outside RAM is never loaded whole.
+    """
+
+    def __init__(self, backend, estimator, support=None):
+        self.backend = backend
+        self.classes = backend.classes(MODALITIES)
         self.verbose = bool(estimator.verbose)
-        self.banks, self.codes, self.indexes = {}, {}, {}
-        union = concat_banks(memory.image, memory.text) if estimator.unified_memory else None
-        index = None
-        for branch in branches:
-            # Compacted: rows and slots coincide, so the heads index plain arrays.
-            bank = memory.bank(branch).compacted() if union is None else union
-            if not len(bank):
-                raise ValueError(f"The memory has no {branch} items for the {branch} branch.")
-            self.banks[branch] = bank
-            self.codes[branch] = np.searchsorted(self.classes, bank.labels)
-            if index is None or union is None:  # the unified memory is indexed once
-                index = NeighborIndex(
-                    estimator.index, estimator.index_params, estimator.index_device
-                ).build(bank)
-            self.indexes[branch] = index
-        self.prototypes = dict(zip(BRANCHES, class_prototypes(
-            memory, self.classes, mode=estimator.prototypes,
-            max_items=estimator.n_prototype_items, random_state=estimator.random_state,
-            support=support,
-        )))
+        image, text = [], []
+        for classes, part in backend.class_memories(self.classes):
+            protos = class_prototypes(part, classes, mode=estimator.prototypes,
+                                      max_items=estimator.n_prototype_items,
+                                      random_state=estimator.random_state, support=support)
+            image.append(protos[0])
+            text.append(protos[1])
+        self.prototypes = {"image": np.concatenate(image), "text": np.concatenate(text)}
         self._tensors = {}
 
     def prototype_tensor(self, branch, device):
@@ -82,115 +71,59 @@ class _MemoryView:
     def __getstate__(self):
         return {**self.__dict__, "_tensors": {}}
 
-    def neighbours(self, branch, X, k, query_ids=None):
-        """(similarities, rows) of the `k` nearest items of each query.
+    def _searched_items(self, branch):
+        backend = self.backend
+        return sum(map(backend.n_items, MODALITIES)) if getattr(
+            backend, "unified", False) else backend.n_items(branch)
 
-        Fewer than `k` when the bank is smaller. With `query_ids`, a query
+    def neighbors(self, branch, X, k, query_ids=None):
+        """(neighbors, rows, bank): the `k` nearest items of each query.
+
+        Fewer than `k` when the memory is smaller. With `query_ids`, a query
         never retrieves the item with its own id (the supervised setting,
-        where the training queries are the memory).
+        where the training queries are the memory). `rows` index the slots
+        of `bank`: the backend's table, or a bank of the vectors the search
+        returned (a backend without a table).
         """
-        bank = self.banks[branch]
         extra = int(query_ids is not None)
-        k = min(k, len(bank) - extra)
+        k = min(k, self._searched_items(branch) - extra)
         if k < 1:
-            raise ValueError(f"The {branch} memory is too small to retrieve neighbours.")
-        sims, rows = self.indexes[branch].search(X, k + extra, verbose=self.verbose)
-        return (*_drop_self(sims, rows, bank.ids, query_ids), bank)
-
-    def metadata(self, bank, rows):
-        """Metadata of the items at `rows` of `bank` (a bank this view returned)."""
-        return bank.metadata.iloc[rows].reset_index(drop=True)
-
-
-class _MilvusView(_MemoryView):
-    """What a :class:`~skmml.MilvusMemory` gives the heads, for prediction.
-
-    Searches return the neighbours' vectors with them (a small bank per
-    query set, rows ``0 .. n*k - 1``); prototypes are computed once per view
-    by streaming the collection a few classes at a time, and the view is
-    rebuilt whenever the classifier changes the memory.
-    """
-
-    def __init__(self, memory, branches, estimator, support=None):
-        if estimator.unified_memory:
-            raise ValueError("unified_memory=True searches one in-RAM bank of both "
-                             "modalities; a MilvusMemory is searched per modality.")
-        self.memory, self.classes = memory, memory.classes
-        self.verbose = bool(estimator.verbose)
-        self.banks = {}  # no whole bank in RAM: predictions project what they retrieve
-        image, text = [], []
-        for classes, part in memory.class_memories(self.classes):
-            protos = class_prototypes(part, classes, mode=estimator.prototypes,
-                                      max_items=estimator.n_prototype_items,
-                                      random_state=estimator.random_state, support=support)
-            image.append(protos[0])
-            text.append(protos[1])
-        self.prototypes = {"image": np.concatenate(image), "text": np.concatenate(text)}
-        self._tensors = {}
-
-    def neighbours(self, branch, X, k, query_ids=None):
-        extra = int(query_ids is not None)
-        k = min(k, self.memory.n_items(branch) - extra)
-        if k < 1:
-            raise ValueError(f"The {branch} memory is too small to retrieve neighbours.")
-        sims, ids, labels, vectors = self.memory.search(X, k + extra, modality=branch,
-                                                        vectors=True, verbose=self.verbose)
-        n, width = ids.shape
-        rows = np.where(ids >= 0, np.arange(n * width).reshape(n, width), -1)
-        bank = MemoryBank(vectors.reshape(n * width, -1), labels.ravel(), ids.ravel(),
-                          pd.DataFrame(index=pd.RangeIndex(n * width)))
-        return (*_drop_self(sims, rows, bank.ids, query_ids), bank)
-
-    def metadata(self, bank, rows):
-        return self.memory.metadata(bank.ids[rows])
-
-
-def _view(memory, branches, estimator, support=None):
-    """The view of `memory` the heads read: in RAM, or a Milvus collection."""
-    if isinstance(memory, MilvusMemory):
-        return _MilvusView(memory, branches, estimator, support)
-    return _MemoryView(memory, branches, estimator, support)
+            raise ValueError(f"The {branch} memory is too small to retrieve neighbors.")
+        table = self.backend.table(branch)
+        found = self.backend.search(X, k, branch, exclude_ids=query_ids,
+                                    vectors=table is None, verbose=self.verbose)
+        if table is not None:
+            return found, found.keys, table
+        n, width = found.ids.shape
+        rows = np.where(found.ids >= 0, np.arange(n * width).reshape(n, width), -1)
+        bank = MemoryBank(found.vectors.reshape(n * width, -1), found.labels.ravel(),
+                          found.ids.ravel(), pd.DataFrame(index=pd.RangeIndex(n * width)))
+        return found, rows, bank
 
 
 class _Episode:
     """A memory view restricted to a few classes (episodic training).
 
     Its retrieval is an exact search over those classes' items, so the head
-    trains with neighbourhoods and prototypes of memory it has not seen whole.
+    trains with neighborhoods and prototypes of memory it has not seen whole.
     """
 
     def __init__(self, view, class_codes):
         self.view = view
         self.class_codes = np.sort(class_codes)
         self.classes = view.classes[self.class_codes]
-        self.banks = view.banks
-        self.rows_in = {b: np.flatnonzero(np.isin(view.codes[b], class_codes))
-                        for b in view.banks}
 
     def prototype_tensor(self, branch, device):
         prototypes = self.view.prototype_tensor(branch, device)
         return prototypes[_as_tensor(self.class_codes, device)]
 
-    def neighbours(self, branch, X, k, query_ids=None):
-        subset = self.rows_in[branch]
-        extra = int(query_ids is not None)
-        k = min(k, len(subset) - extra)
-        if k < 1:
-            raise ValueError(f"An episode's {branch} memory is too small to retrieve from.")
-        embeddings = np.ascontiguousarray(self.banks[branch].embeddings[subset])
-        sims, local = faiss.knn(X, embeddings, k + extra, metric=faiss.METRIC_INNER_PRODUCT)
-        return (*_drop_self(sims, subset[local], self.banks[branch].ids, query_ids),
-                self.banks[branch])
+    def neighbors(self, branch, X, k, query_ids=None):
+        backend = self.view.backend
+        found = backend.search_within(X, k, branch, self.classes, exclude_ids=query_ids)
+        return found, found.keys, backend.table(branch)
 
 
-def _drop_self(sims, rows, ids, query_ids):
-    """Drop, per query, the neighbour whose id is the query's (none without ids)."""
-    if query_ids is None:
-        return sims, rows
-    return drop_self(sims, rows, ids[np.maximum(rows, 0)] == np.asarray(query_ids)[:, None])
-
-
-class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
+class MemoryModularClassifier(BaseMemoryClassifier):
     """The memory-modular learner: kNN retrieval, cross-attention, prototypes.
 
     A query image embedding retrieves its ``k`` nearest items from the image
@@ -338,6 +271,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     True
     """
 
+    _fitted_attribute = "heads_"
+
     _parameter_constraints = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "branches": [StrOptions({"auto", "both", "image", "text"})],
@@ -363,7 +298,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         "index_params": [dict, None],
         "index_device": [StrOptions({"auto", "cpu", "cuda"})],
         "verbose": ["verbose"],
-        "memory": [Memory, MilvusMemory, None],
+        "memory": [MemoryLike, None],
     }
 
     def __init__(
@@ -470,8 +405,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
             check_classification_targets(y)
             state = self._state
-            _check_trainable(state.memory)
-            _check_known(y, state.memory)
+            _check_trainable(state.backend)
+            _check_known(y, state.view.classes)
             queries = _QuerySet(l2_normalize(X), np.searchsorted(state.view.classes, y),
                                 state.view, state.branches, self)
             # Train a copy: the published heads serve reads until the epoch is
@@ -479,7 +414,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             heads = copy.deepcopy(state.heads)
             self._epoch(heads, self._optimizer(heads), queries,
                         check_random_state(self.random_state))
-            self._adopt(state.memory, state.view, state.support, heads=heads, untrained=False)
+            self._adopt(state.backend, view=state.view, support=state.support, heads=heads,
+                        untrained=False)
         return self
 
     def _fit(self, X, y, max_epochs):
@@ -488,28 +424,24 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Xn = l2_normalize(X)
         supervised = self.memory is None
         memory = Memory(Xn, y) if supervised else self.memory
-        _check_trainable(memory)
-        if len(memory.classes) < 2:
-            where = "y (the memory, as memory=None)" if supervised else "the memory"
-            raise ValueError(
-                f"MemoryModularClassifier needs at least 2 classes to classify, but {where} "
-                f"holds one class: {memory.classes[0].item()!r}."
-            )
+        branches = self._resolve_branches(memory)
         if memory.n_features != X.shape[1]:
             raise ValueError(
                 f"X has {X.shape[1]} features but the memory holds "
                 f"{memory.n_features}-dimensional embeddings."
             )
-        _check_known(y, memory)
-        branches = self._resolve_branches(memory)
-        self._check_k(memory, branches, exclude_self=supervised)
-        device = _torch_device(self.heads_device)
+        self._check_fits(memory, branches=branches, exclude_self=supervised,
+                         where="y (the memory, as memory=None)" if supervised else None)
+        backend = self._backend(memory, modalities=branches)
+        _check_trainable(backend)
+        _check_known(y, backend.classes(MODALITIES))
+        device = torch.device(resolve_device(self.heads_device))
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
         heads = _new_heads(branches, memory.n_features, self.residual_init, seed, device)
         # In the supervised setting query i is memory item i: it never retrieves itself.
         query_ids = np.arange(len(y)) if supervised else None
-        train, val = self._split(Xn, y, memory, branches, query_ids, rng)
+        train, val = self._split(Xn, y, backend, branches, query_ids, rng)
         optimizer = self._optimizer(heads)
         history, best, floor, top, stale = [], None, -np.inf, -np.inf, 0
         bar = tqdm(range(max_epochs + 1), desc="training", disable=not self.verbose)
@@ -532,9 +464,8 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         bar.close()
         for branch, state in best[2].items():
             heads[branch].load_state_dict(state)
-        view = train.view if val is None or val.view is train.view else _view(
-            memory, branches, self)
-        self._adopt(memory, view, heads=heads, untrained=best[0] == 0, fitted={
+        view = train.view if val is None or val.view is train.view else _View(backend, self)
+        self._adopt(backend, view=view, heads=heads, untrained=best[0] == 0, fitted={
             "history_": pd.DataFrame(history), "best_epoch_": best[0], "n_iter_": epoch,
             "branches_": branches, "_head_seed": seed, "_head_init": self.residual_init,
             **metadata})
@@ -577,15 +508,38 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     def _identity_heads(self):
         return all(self._state.identity.values())
 
-    def _check_k(self, memory, branches, exclude_self=False):
-        """n_neighbors must fit in each searched bank, as in KNNVoteClassifier."""
+    def _modalities(self, memory):
+        state = getattr(self, "_state", None)
+        return self._resolve_branches(memory) if state is None else state.branches
+
+    def _unified(self):
+        return self.unified_memory
+
+    def _check_replacement(self, memory):
+        if memory.n_features != self.n_features_in_:
+            raise ValueError(
+                f"Dimension mismatch: the new memory holds {memory.n_features}-dimensional "
+                f"embeddings, the heads take {self.n_features_in_}."
+            )
+
+    def _check_fits(self, memory, n_items=None, branches=None, exclude_self=False,
+                    where=None):
+        """The memory must hold two classes and ``n_neighbors`` items per searched branch."""
+        if n_items is None:
+            classes = memory.classes
+            if len(classes) < 2:
+                where = where or "the memory"
+                raise ValueError(
+                    f"MemoryModularClassifier needs at least 2 classes to classify, but "
+                    f"{where} holds " + (f"one class: {classes[0].item()!r}." if len(classes)
+                                         else "no class."))
+            n_items = {m: memory.n_items(m) for m in MODALITIES}
         if self.retrieval != "knn":
             return
-        for branch in branches:
-            n_items = (memory.n_items("image") + memory.n_items("text")
-                       if self.unified_memory else memory.n_items(branch))
+        for branch in branches or self._modalities(memory):
+            n = sum(n_items.values()) if self.unified_memory else n_items[branch]
             bank = "image and text" if self.unified_memory else branch
-            check_n_neighbors(self.n_neighbors, n_items, bank, exclude_self)
+            check_n_neighbors(self.n_neighbors, n, bank, exclude_self)
 
     def _resolve_branches(self, memory):
         present = tuple(b for b in BRANCHES if memory.n_items(b))
@@ -598,7 +552,7 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             )
         return wanted
 
-    def _split(self, Xn, y, memory, branches, query_ids, rng):
+    def _split(self, Xn, y, backend, branches, query_ids, rng):
         """Training and validation query sets.
 
         Validation holds out whole classes with their own memory; with too
@@ -606,12 +560,12 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         """
         classes = np.unique(y)
         if self.validation_fraction is None:
-            return _QuerySet(Xn, None, _MemoryView(memory, branches, self), branches, self,
+            return _QuerySet(Xn, None, _View(backend, self), branches, self,
                              labels=y, query_ids=query_ids), None
         n_val = max(self.min_validation_classes,
                     int(round(self.validation_fraction * len(classes))))
         if len(classes) - n_val < 2:
-            view = _MemoryView(memory, branches, self)
+            view = _View(backend, self)
             in_val = np.zeros(len(y), dtype=bool)
             in_val[rng.permutation(len(y))[:int(round(self.validation_fraction * len(y)))]] = True
             if in_val.all() or not in_val.any():
@@ -623,11 +577,13 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         val_classes = rng.choice(classes, n_val, replace=False)
         in_val = np.isin(y, val_classes)
         sets = []
-        for mask, view_memory in ((~in_val, memory.drop_classes(val_classes)),
-                                  (in_val, memory.keep_classes(val_classes))):
+        memory = backend.memory
+        for mask, part in ((~in_val, memory.drop_classes(val_classes)),
+                           (in_val, memory.keep_classes(val_classes))):
             ids = None if query_ids is None else query_ids[mask]
-            sets.append(_QuerySet(Xn[mask], None, _MemoryView(view_memory, branches, self),
-                                  branches, self, labels=y[mask], query_ids=ids))
+            view = _View(self._backend(part, modalities=branches), self)
+            sets.append(_QuerySet(Xn[mask], None, view, branches, self, labels=y[mask],
+                                  query_ids=ids))
         return sets
 
     def _optimizer(self, heads):
@@ -719,13 +675,15 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
                 if not np.all(found >= 0):  # an approximate index found fewer than k
                     valid = _as_tensor(found >= 0, device)
                     found = np.maximum(found, 0)
-                if cached and queries.banks[branch] is state.view.banks.get(branch):
+                if cached and queries.banks[branch] is state.backend.table(branch):
+                    # The rows are slots of the backend's table: its cached projections.
                     keys, values = _projection(state, branch)
                     rows = _as_tensor(found, device)
                 else:
                     unique, inverse = np.unique(found, return_inverse=True)
-                    items = queries.banks[branch].embeddings[unique]
-                    keys, values = head.project_memory(_as_tensor(items, device))
+                    items = queries.banks[branch].slot_embeddings[unique]
+                    with torch.autocast(device.type, enabled=False):  # float32, as cached
+                        keys, values = head.project_memory(_as_tensor(items, device))
                     rows = _as_tensor(inverse.reshape(len(batch), -1), device)
             out, weights = head(query, keys, values, rows, valid, return_attention=True)
             if attention is not None:
@@ -736,33 +694,39 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
 
     # -- the memory ----------------------------------------------------------------------
 
-    def _adopt(self, memory, view=None, support=None, heads=None, untrained=None,
-               fitted=None):
-        """Publish `memory` (its view: indexes, prototypes) with the heads, in one step.
+    def _adopt(self, backend, replace=False, added_ids=None, support=None, view=None,
+               heads=None, untrained=None, fitted=None):
+        """Publish `backend` (its view: prototypes) with the heads, in one step.
 
         Everything is built first; then one update installs the new state
         and the public attributes (see :mod:`skmml._state`), so a read sees
         the old classifier or the new one, and a failure changes nothing.
+        Few-shot `support` stays through changes of the memory, until a
+        replacement.
         """
         fitted = dict(fitted or {})
         previous = getattr(self, "_state", None)
         branches = fitted.get("branches_", None if previous is None else previous.branches)
-        if heads is None:
-            heads = previous.heads
-        if untrained is None:
-            untrained = previous.untrained
-        if view is None:
-            view = _view(memory, branches, self, support)
+        if support is not None:
+            X, y = support
+            X = l2_normalize(validate_data(self, X, reset=False, dtype=np.float32, order="C"))
+            y = np.asarray(y)
+            _check_known(y, backend.classes(MODALITIES))
+            support = (X, y)
+        elif not replace and previous is not None and view is None:
+            support = previous.support
+        heads = previous.heads if heads is None else heads
+        untrained = previous.untrained if untrained is None else untrained
+        view = _View(backend, self, support) if view is None else view
         for head in heads.values():
             head.eval()
-        state = State(memory=memory, view=view, support=support, heads=heads, branches=branches,
-                      untrained=untrained, projected={},
+        state = State(backend=backend, view=view, support=support, heads=heads,
+                      branches=branches, untrained=untrained, projected={},
                       identity={b: head.is_identity() for b, head in heads.items()})
-        publish(self, state, memory_=memory, classes_=view.classes, heads_=heads, **fitted)
-
-    def _read_state(self):
-        check_is_fitted(self, "heads_")
-        return self._state
+        fitted["added_ids_"] = (np.empty(0, dtype=np.int64) if added_ids is None
+                                else np.asarray(added_ids))
+        publish(self, state, memory_=backend.memory, classes_=view.classes, heads_=heads,
+                **fitted)
 
     def set_memory(self, memory, mode="replace", support=None, *, reassign_ids=False):
         """Replace the memory (unseen classes, no retraining) or expand it.
@@ -773,7 +737,9 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             The new memory (``mode="replace"``), or the items to add
             (``mode="expand"``, class-incremental: a :class:`Memory`, whose
             ids must not clash). Over a :class:`~skmml.MilvusMemory` the
-            classifier predicts, forgets and expands; see :ref:`scale`.
+            classifier predicts, forgets and expands; see :ref:`scale`. It
+            must hold two classes or more and, with ``retrieval="knn"``, at
+            least ``n_neighbors`` items per branch.
         mode : {"replace", "expand"}, default="replace"
         support : tuple (X, y), default=None
             Few-shot support: labelled query embeddings whose mean becomes
@@ -781,67 +747,25 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
             It stays in force through :meth:`forget` and expansion, until a
             replacement.
         reassign_ids : bool, default=False
-            With ``mode="expand"``, give the added items new ids after the
-            largest in memory instead of raising on clashing ids.
+            With ``mode="expand"``, give the added items new ids from the
+            memory's high-water mark instead of raising on clashing ids.
 
         Returns
         -------
         self : MemoryModularClassifier
+            The ids that an expansion gave are in ``added_ids_``.
         """
-        with writer_lock(self):
-            return self._set_memory(memory, mode, support, reassign_ids)
-
-    def _set_memory(self, memory, mode, support, reassign_ids):
-        state = self._read_state()
-        if not isinstance(memory, (Memory, MilvusMemory)):
-            raise TypeError(f"set_memory() needs a Memory or a MilvusMemory, got "
-                            f"{type(memory).__name__}.")
-        if mode == "expand":
-            if not isinstance(memory, Memory):
-                raise TypeError("set_memory(mode='expand') adds the items of a Memory, got "
-                                f"{type(memory).__name__}.")
-            memory = state.memory.expand(memory, reassign_ids=reassign_ids)
-            support = state.support if support is None else support
-        elif mode != "replace":
-            raise ValueError(f"mode must be 'replace' or 'expand', got {mode!r}.")
-        elif reassign_ids:
-            raise ValueError("reassign_ids=True applies to mode='expand' only.")
-        if memory.n_features != self.n_features_in_:
-            raise ValueError(
-                f"Dimension mismatch: the new memory holds {memory.n_features}-dimensional "
-                f"embeddings, the heads take {self.n_features_in_}."
-            )
-        if support is not None:
-            X, y = support
-            X = l2_normalize(validate_data(self, X, reset=False, dtype=np.float32, order="C"))
-            y = np.asarray(y)
-            _check_known(y, memory)
-            support = (X, y)
-        self._adopt(memory, support=support)
-        return self
-
-    def forget(self, ids):
-        """Remove memory items by id; prototypes and retrieval follow. Returns self."""
-        with writer_lock(self):
-            state = self._read_state()
-            self._adopt(state.memory.remove(ids), support=state.support)
-        return self
+        check_is_fitted(self, "heads_")
+        return self._set_memory(memory, mode, reassign_ids, support=support)
 
     # -- prediction ----------------------------------------------------------------------
 
     def _queries(self, X, explain=False):
         """(state, queries): one published state for the whole read, and the validated
-        queries with their neighbours in it (identity heads need none unless explaining)."""
-        check_is_fitted(self, "heads_")
-        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
-        state = self._state
-        if X.shape[1] != state.memory.n_features:
-            # A memory of another width was published after validation: the
-            # read sees the new memory, so it fails as it would have after.
-            validate_data(self, X, reset=False)
-        self._check_k(state.memory, state.branches)
+        queries with their neighbors in it (identity heads need none unless explaining)."""
+        state, X = self._snapshot(X)
         search = [b for b in state.branches if explain or not state.identity[b]]
-        return state, _QuerySet(l2_normalize(X), None, state.view, search, self)
+        return state, _QuerySet(X, None, state.view, search, self)
 
     @torch.no_grad()
     def _all_logits(self, state, queries, attention=None):
@@ -917,35 +841,20 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         explanation : pandas.DataFrame
-            One row per (query, branch, neighbour): ``query``, ``branch``,
-            ``rank``, ``id``, ``label``, ``similarity`` (cosine),
-            ``attention`` (the head's attention weight), then the item's
-            metadata columns.
+            One row per (query, branch, neighbor), the schema of every skmml
+            classifier: ``query``, ``modality`` (the branch), ``rank``,
+            ``id``, ``label``, ``similarity`` (cosine), ``weight`` (the
+            head's attention weight), then the item's metadata columns.
         """
         if self.retrieval == "none":
             raise ValueError("retrieval='none' retrieves nothing to explain.")
         state, queries = self._queries(X, explain=True)
         attention = {}
         self._all_logits(state, queries, attention)
-        tables = []
-        for branch in state.branches:
-            bank = queries.banks[branch]
-            rows, sims = queries.rows[branch], queries.sims[branch]
-            n, k = rows.shape
-            found = (rows >= 0).ravel()
-            flat = rows.ravel()[found]
-            table = pd.DataFrame({
-                "query": np.repeat(np.arange(n), k)[found],
-                "branch": branch,
-                "rank": np.tile(np.arange(k), n)[found],
-                "id": bank.ids[flat],
-                "label": bank.labels[flat],
-                "similarity": sims.ravel()[found],
-                "attention": np.concatenate(attention[branch]).ravel()[found],
-            })
-            metadata = state.view.metadata(bank, flat)
-            tables.append(pd.concat([table, metadata], axis=1) if metadata.shape[1] else table)
-        return pd.concat(tables, ignore_index=True)
+        return pd.concat([
+            self._explain_frame(state.backend, branch, queries.neighbors[branch],
+                                np.concatenate(attention[branch]))
+            for branch in state.branches], ignore_index=True)
 
     # -- persistence: heads as CPU state dicts, device chosen at load ---------------------
     # Heads still at their initialisation (no trained epoch was kept) are stored
@@ -953,23 +862,26 @@ class MemoryModularClassifier(ClassifierMixin, BaseEstimator):
     # to about the size of its memory, not + 12 d^2 floats per head.
 
     def __getstate__(self):
-        state = dict(super().__getstate__())  # a copy: never alter the live estimator
+        state = super().__getstate__()
         if "_state" in state:
-            published = state["_state"]
+            published = self._state
             state["heads_"] = {
                 b: None if published.untrained
                 else {k: v.detach().cpu() for k, v in h.state_dict().items()}
                 for b, h in published.heads.items()
             }
-            # The heads are stored once, above; projections are a cache.
-            state["_state"] = published.replace(heads=None, identity=None, projected={})
         return state
+
+    def _state_for_pickle(self, published):
+        # The heads are stored once, in heads_; projections are a cache.
+        return published.replace(heads=None, identity=None, projected={})
 
     def __setstate__(self, state):
         heads = state.get("heads_")
         if heads is not None:
             # A model trained on a GPU loads on a CPU-only machine, and vice versa.
-            device = _torch_device("cpu" if state["heads_device"] == "cpu" else "auto")
+            device = torch.device(resolve_device(
+                "cpu" if state["heads_device"] == "cpu" else "auto"))
             # The heads as fitted: the residual_init parameter may have changed since.
             fresh = _new_heads(tuple(heads), state["n_features_in_"], state["_head_init"],
                                state["_head_seed"], "cpu")
@@ -991,17 +903,18 @@ _INFERENCE_BATCH = 4096
 _BF16_MIN_GAIN = 1.5
 
 
-def _check_trainable(memory):
-    if isinstance(memory, MilvusMemory):
+def _check_trainable(backend):
+    if not backend.can_train:
+        name = type(backend.memory).__name__
         raise TypeError(
             "MemoryModularClassifier trains its heads on an in-RAM Memory (episodes search "
-            "subsets of classes): train with memory.to_memory(), or a training memory of "
-            "your own, then set_memory() the MilvusMemory to predict over it."
+            f"subsets of classes), not a {name}: train with memory.to_memory(), or a "
+            f"training memory of your own, then set_memory() the {name} to predict over it."
         )
 
 
-def _check_known(y, memory):
-    unknown = np.setdiff1d(np.unique(y), memory.classes)
+def _check_known(y, classes):
+    unknown = np.setdiff1d(np.unique(y), classes)
     if unknown.size:
         raise ValueError(
             f"Classes of y not in the memory: {unknown[:10].tolist()}. The classes are the "
@@ -1026,7 +939,7 @@ def _projection(state, branch):
     if projected is None:
         head = state.heads[branch]
         device = head.q_proj.weight.device
-        items = _as_tensor(state.view.banks[branch].embeddings, device)
+        items = _as_tensor(state.backend.table(branch).slot_embeddings, device)
         with torch.autocast(device.type, enabled=False):  # float32, whatever the reader
             projected = state.projected.setdefault(branch, head.project_memory(items))
     return projected
@@ -1041,7 +954,7 @@ def _new_heads(branches, dim, residual_init, seed, device):
 
 
 class _QuerySet:
-    """Queries, their class codes, and their neighbours in a memory view.
+    """Queries, their class codes, and their neighbors in a memory view.
 
     Retrieval is frozen (the embeddings do not change), so each query set
     searches its memory once and every training epoch reuses the neighbours.
@@ -1050,12 +963,11 @@ class _QuerySet:
     def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):
         self.X, self.view, self.query_ids = X, view, query_ids
         self.codes = codes if labels is None else np.searchsorted(view.classes, labels)
-        self.rows, self.sims, self.banks = {}, {}, {}
+        self.neighbors, self.rows, self.banks = {}, {}, {}
         if estimator.retrieval == "knn":
             for branch in branches:
-                self.sims[branch], self.rows[branch], self.banks[branch] = view.neighbours(
-                    branch, X, estimator.n_neighbors, query_ids
-                )
+                self.neighbors[branch], self.rows[branch], self.banks[branch] = (
+                    view.neighbors(branch, X, estimator.n_neighbors, query_ids))
 
     def __len__(self):
         return self.X.shape[0]

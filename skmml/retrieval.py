@@ -66,10 +66,15 @@ def drop_self(sims, rows, is_self):
     query out of its own list the last column goes.
     """
     n, k = rows.shape
+    keep = ~self_mask(is_self)
+    return sims[keep].reshape(n, k - 1), rows[keep].reshape(n, k - 1)
+
+
+def self_mask(is_self):
+    """Per query, the one column :func:`drop_self` drops."""
     is_self = is_self.copy()
     is_self[~is_self.any(axis=1), -1] = True
-    is_self &= np.cumsum(is_self, axis=1) == 1
-    return sims[~is_self].reshape(n, k - 1), rows[~is_self].reshape(n, k - 1)
+    return is_self & (np.cumsum(is_self, axis=1) == 1)
 
 
 def score_error(dim):

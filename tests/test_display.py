@@ -79,7 +79,7 @@ def test_mml_shows_each_branch_with_attention_and_text_items():
     titles = _titles(display)
     assert sum(t.startswith("image #") for t in titles) == 3
     assert sum(t.startswith("text #") for t in titles) == 3
-    assert all("attention" in t for t in titles[1:])
+    assert all("weight" in t for t in titles[1:])
     texts = [t.get_text() for ax in display.axes_ for t in ax.texts]
     assert sum("sentence about" in t for t in texts) == 3
 

@@ -340,8 +340,8 @@ def test_explain_lists_neighbours_with_their_metadata(digits):
     meta = pd.DataFrame({"source": [f"digits row {i}" for i in range(len(X))]})
     clf = KNNVoteClassifier(n_neighbors=3).set_memory(Memory(X, y, image_metadata=meta))
     table = clf.explain(X_test[:4])
-    assert list(table.columns) == ["query", "rank", "id", "label", "similarity", "weight",
-                                   "source"]
+    assert list(table.columns) == ["query", "modality", "rank", "id", "label", "similarity",
+                                   "weight", "source"]
     assert len(table) == 12
     np.testing.assert_array_equal(table["query"], np.repeat(np.arange(4), 3))
     assert (table["source"] == [f"digits row {i}" for i in table["id"]]).all()

@@ -71,7 +71,7 @@ def test_negative_ids_are_an_error():
         Memory(np.eye(3), [0, 1, 2], image_ids=[0, -1, 2])
 
 
-def test_ids_default_to_rows_then_continue_after_max():
+def test_ids_default_to_rows_then_continue_from_a_mark_that_never_goes_back():
     rng = np.random.default_rng(0)
     memory = Memory(
         rng.normal(size=(3, 4)), [0, 1, 1], text_embeddings=rng.normal(size=(2, 4)),
@@ -82,8 +82,9 @@ def test_ids_default_to_rows_then_continue_after_max():
     bigger = memory.add(rng.normal(size=(2, 4)), [1, 2])
     np.testing.assert_array_equal(bigger.image.ids, [0, 1, 2, 5, 6])
     after_removal = bigger.remove([6, 5])
+    assert after_removal.next_id == 7  # forgotten ids are never given again
     np.testing.assert_array_equal(after_removal.add(rng.normal(size=(1, 4)), [2]).image.ids,
-                                  [0, 1, 2, 5])
+                                  [0, 1, 2, 7])
 
 
 def test_given_ids_are_kept_and_next_ids_follow_the_largest():

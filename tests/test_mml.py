@@ -79,7 +79,7 @@ def test_training_queries_never_retrieve_themselves(monkeypatch, digits):
         def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):
             super().__init__(X, codes, view, branches, estimator, labels, query_ids)
             if query_ids is not None:
-                seen.append((view.banks["image"].ids[self.rows["image"]], query_ids))
+                seen.append((self.neighbors["image"].ids, query_ids))
 
     monkeypatch.setattr(mml, "_QuerySet", Recording)
     MemoryModularClassifier(n_neighbors=8, max_epochs=1, random_state=0).fit(X[:300], y[:300])
@@ -156,7 +156,7 @@ def test_identity_heads_skip_their_retrieval_and_match_the_full_computation(monk
     assert trained._state.identity == {"image": False, "text": False}
     full = clf._all_logits(*clf._queries(X, explain=True), attention={})
     searched = []
-    monkeypatch.setattr(mml._MemoryView, "neighbours", lambda *args: searched.append(args))
+    monkeypatch.setattr(mml._View, "neighbors", lambda *args: searched.append(args))
     np.testing.assert_allclose(clf.decision_function(X), full, rtol=1e-5, atol=1e-5)
     assert not searched
 
@@ -176,12 +176,12 @@ def test_explain_reports_retrieved_items_and_attention():
     clf = MemoryModularClassifier(n_neighbors=4, max_epochs=1, memory=memory,
                                   random_state=0).fit(X, y)
     table = clf.explain(X[:3])
-    assert list(table.columns) == ["query", "branch", "rank", "id", "label", "similarity",
-                                   "attention"]
+    assert list(table.columns) == ["query", "modality", "rank", "id", "label", "similarity",
+                                   "weight"]
     assert len(table) == 3 * 4 * 2
-    sums = table.groupby(["query", "branch"])["attention"].sum()
+    sums = table.groupby(["query", "modality"])["weight"].sum()
     np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
-    assert set(table.loc[table["branch"] == "text", "id"]) <= set(memory.text.ids)
+    assert set(table.loc[table["modality"] == "text", "id"]) <= set(memory.text.ids)
 
 
 def test_partial_fit_trains_further_without_touching_memory():
@@ -258,10 +258,11 @@ def test_episodic_training_restricts_retrieval_and_prototypes(monkeypatch):
     episodes = []
 
     class Recording(mml._Episode):
-        def neighbours(self, branch, X, k, query_ids=None):
-            sims, rows, bank = super().neighbours(branch, X, k, query_ids)
-            episodes.append((set(self.class_codes), set(self.view.codes[branch][rows.ravel()])))
-            return sims, rows, bank
+        def neighbors(self, branch, X, k, query_ids=None):
+            found, rows, bank = super().neighbors(branch, X, k, query_ids)
+            codes = np.searchsorted(self.view.classes, found.labels.ravel())
+            episodes.append((set(self.class_codes), set(codes)))
+            return found, rows, bank
 
     monkeypatch.setattr(mml, "_Episode", Recording)
     clf = MemoryModularClassifier(max_epochs=2, episode_classes=3, memory=memory,
@@ -278,11 +279,11 @@ def test_episodic_training_in_the_supervised_setting_never_retrieves_itself(monk
     checked = []
 
     class Checking(mml._Episode):
-        def neighbours(self, branch, X, k, query_ids=None):
-            sims, rows, bank = super().neighbours(branch, X, k, query_ids)
-            assert not np.any(bank.ids[rows] == query_ids[:, None])
+        def neighbors(self, branch, X, k, query_ids=None):
+            found, rows, bank = super().neighbors(branch, X, k, query_ids)
+            assert not np.any(bank.slot_ids[rows] == query_ids[:, None])
             checked.append(rows.shape)
-            return sims, rows, bank
+            return found, rows, bank
 
     monkeypatch.setattr(mml, "_Episode", Checking)
     MemoryModularClassifier(n_neighbors=4, max_epochs=1, episode_classes=0.5,
@@ -298,7 +299,7 @@ def test_missing_neighbours_of_an_approximate_index_get_no_attention():
     assert (clf._queries(X[:200], explain=True)[1].rows["image"] < 0).any()
     table = clf.explain(X[:200])
     assert np.isfinite(table["similarity"]).all()
-    np.testing.assert_allclose(table.groupby("query")["attention"].sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(table.groupby("query")["weight"].sum(), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="nothing to explain"):
         MemoryModularClassifier(max_epochs=0, retrieval="none").fit(X[:50], y[:50]).explain(X[:2])
 
@@ -424,15 +425,21 @@ def test_n_neighbors_larger_than_the_memory_is_the_same_error_in_both_classifier
     X, y = digits
     message = "n_neighbors=40 is larger than the memory, which holds 30 image items"
     small = Memory(X[:30], y[:30])
-    knn = KNNVoteClassifier(n_neighbors=40).set_memory(small)
+    # Refused at the call that would make the memory too small, which changes nothing.
+    with pytest.raises(ValueError, match=message):
+        KNNVoteClassifier(n_neighbors=40).set_memory(small)
+    knn = KNNVoteClassifier(n_neighbors=40).fit(X[:30], y[:30])  # as scikit-learn's fit
     with pytest.raises(ValueError, match=message):
         knn.predict(X[:2])
     with pytest.raises(ValueError, match=message):
         MemoryModularClassifier(n_neighbors=40, memory=small, max_epochs=1).fit(X[:30], y[:30])
     clf = MemoryModularClassifier(n_neighbors=40, max_epochs=0).fit(X[:200], y[:200])
-    clf.set_memory(small)
     with pytest.raises(ValueError, match=message):
-        clf.predict(X[:2])
+        clf.set_memory(small)
+    assert len(clf.memory_.image) == 200
+    with pytest.raises(ValueError, match="holds 39 image items"):
+        clf.forget(np.arange(161))
+    assert len(clf.memory_.image) == 200
     # With memory=None a training query never retrieves itself: n_neighbors < n_samples.
     with pytest.raises(ValueError, match="holds 30 image items and a training query never"):
         MemoryModularClassifier(n_neighbors=30, max_epochs=0).fit(X[:30], y[:30])
@@ -469,7 +476,7 @@ def test_bfloat16_heads_predict_as_float32_heads_and_auto_follows_the_machine(mo
     assert 0 < np.abs(half - full).max() < 0.05 * np.abs(full).max()
     np.testing.assert_array_equal(half.argmax(axis=1), full.argmax(axis=1))
     explained = clf.explain(X[:2])
-    assert np.isfinite(explained["attention"]).all()
+    assert np.isfinite(explained["weight"]).all()
     # The cached key / value projections stay float32 whichever precision filled them.
     assert all(t.dtype == torch.float32 for kv in clf._state.projected.values() for t in kv)
     for gain, expected in ((0.02, full), (3.0, half)):

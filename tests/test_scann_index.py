@@ -107,7 +107,7 @@ def test_readers_see_whole_versions_while_a_writer_changes_the_index(read_while_
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
 
     def read():
-        index = clf._state.backend.index  # one published version
+        index = clf._state.backend.index()  # one published version
         found = index.bank_.slot_ids[index.search(Q, 5)[1]]
         return None if np.array_equal(found, _exact_ids(index.bank_, Q, 5)) else found
 

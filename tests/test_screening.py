@@ -162,7 +162,7 @@ def test_readers_get_exact_answers_while_a_writer_adds_and_forgets(read_while_wr
     Q = _unit(rng.normal(size=(21, 32)))
 
     def read():
-        index = clf._state.backend.index  # one published version
+        index = clf._state.backend.index()  # one published version
         for n in (1, 21):
             if not np.array_equal(index.search(Q[:n], 8)[1], _reference(index.bank_, Q[:n], 8)):
                 return n
