@@ -91,13 +91,17 @@ class MemoryBackend(abc.ABC):
         The modalities searched (each one has items).
     can_train : bool
         Whether MemoryModularClassifier may train over it (an in-RAM memory:
-        training searches subsets of classes).
+        training searches subsets of classes); such a backend also has
+        ``search_within(queries, k, modality, classes, exclude_ids)``.
+    unified : bool
+        Whether image and text items are searched as one memory.
     lists_all_items : bool
         Whether :meth:`items` with no keys lists every item cheaply.
     """
 
     can_train = False
     lists_all_items = False
+    unified = False
 
     @abc.abstractmethod
     def n_items(self, modality="image"):
@@ -325,14 +329,16 @@ class LocalBackend(MemoryBackend):
 
     def add(self, X, y, ids=None):
         memory = self.memory.add(X, y, ids=ids)
-        new_ids = memory.image.ids[-X.shape[0]:]
+        # The ids Memory.add gave, without materialising the bank's id array.
+        start = self.memory.next_id
+        given = np.arange(start, start + X.shape[0]) if ids is None else np.asarray(ids)
         return self._following(memory, lambda index, old, new: index.add(
-            new, len(new) - len(old))), new_ids
+            new, len(new) - len(old))), given.astype(np.int64)
 
     def expand(self, memory, reassign_ids=False):
         new = self.memory.expand(memory, reassign_ids=reassign_ids)
-        ids = np.concatenate([new.image.ids[len(self.memory.image):],
-                              new.text.ids[len(self.memory.text):]])
+        start = self.memory.next_id
+        ids = np.arange(start, start + len(memory)) if reassign_ids else memory.ids
         return self._following(new, lambda index, old, bank: index.add(
             bank, len(bank) - len(old))), ids
 

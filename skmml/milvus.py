@@ -147,9 +147,11 @@ class MilvusMemory:
     row, never deleted, in a companion collection
     (``<collection>__skmml_ids``, 16 bytes a row) with a Milvus-generated
     key, and an item's id is the collection's id base (the memory's
-    ``next_id`` at creation) plus its key's rank among those keys, so ids
-    reserved by concurrent clients of one server never clash. Explicit ids
-    above the mark move it above them (by at most 2**20 ids a call).
+    ``next_id`` at creation) plus its key's rank among those keys. Ids
+    reserved by concurrent clients of one standalone server (Milvus Lite, or
+    a server with one proxy, whose keys become visible in the order it
+    generates them) never clash. Explicit ids above the mark move it above
+    them (by at most 2**20 ids a call).
 
     **Consistency.** Milvus's default level (Bounded) hides recent inserts
     and deletes from the next search; this handle reads with "Strong" unless
@@ -625,17 +627,15 @@ class MilvusMemory:
                     bucket[label.item()] = bucket.get(label.item(), 0) + int(count)
         return ids
 
-    def remove(self, ids, *, keep_images=False):
-        """Delete the items `ids` (a ValueError names unknown ids; nothing is deleted then).
+    def remove(self, ids):
+        """Delete the items `ids`; return self.
 
-        With `keep_images`, refuse (ValueError) to delete the last image items.
+        Ids are integers (a TypeError otherwise); a ValueError names unknown
+        ids, and nothing is deleted then.
         """
         ids = check_item_ids(ids)
         with self._lock:
             rows = self.get(ids, ("label", "modality"))
-            images = sum(row["modality"] == MODALITY_CODES["image"] for row in rows)
-            if keep_images and images >= self.n_items("image"):
-                raise ValueError("forget() would leave the memory without image items")
             client = self._client()
             for start in range(0, ids.size, self.batch_size):
                 self._call("delete", client.delete, self.collection,

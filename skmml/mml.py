@@ -73,8 +73,8 @@ class _View:
 
     def _searched_items(self, branch):
         backend = self.backend
-        return sum(map(backend.n_items, MODALITIES)) if getattr(
-            backend, "unified", False) else backend.n_items(branch)
+        return (sum(map(backend.n_items, MODALITIES)) if backend.unified
+                else backend.n_items(branch))
 
     def neighbors(self, branch, X, k, query_ids=None):
         """(neighbors, rows, bank): the `k` nearest items of each query.
