@@ -177,7 +177,8 @@ def check_item_ids(ids, *, name="ids"):
         raise ValueError(f"{name} must be in 0 .. 2**63 - 1, got {int(array.max())}.")
     if array.dtype.kind == "i" and array.min() < 0:
         raise ValueError(f"{name} must be in 0 .. 2**63 - 1, got {int(array.min())}.")
-    return np.unique(array.astype(np.int64, copy=False))
+    array = array.astype(np.int64, copy=False)
+    return np.unique(array) if array.size > 1 else array
 
 
 @contextmanager

@@ -304,12 +304,11 @@ class LocalBackend(MemoryBackend):
         yield classes, self.memory
 
     def n_items_without(self, ids):
-        memory = self.memory
-        unknown = ids[~(memory.image.contains(ids) | memory.text.contains(ids))]
+        found = {m: self.memory.bank(m).contains(ids) for m in MODALITIES}
+        unknown = ids[~(found["image"] | found["text"])]
         if unknown.size:
             raise ValueError(f"Unknown memory ids: {unknown[:10].tolist()}.")
-        return {m: len(memory.bank(m)) - int(np.count_nonzero(memory.bank(m).contains(ids)))
-                for m in MODALITIES}
+        return {m: self.n_items(m) - int(np.count_nonzero(found[m])) for m in MODALITIES}
 
     def _following(self, memory, changed):
         """The backend of `memory`, a change of this one's, indexes updated by `changed`.

@@ -147,8 +147,7 @@ class Memory:
             _check_compatible(image, text, "text items")
         dim = filled[0].dim if filled else 0
         dtype = filled[0].slot_labels.dtype if filled else np.int64
-        self.image = image if image is not None and len(image) else empty_bank(dim, dtype)
-        self.text = text if text is not None and len(text) else empty_bank(dim, dtype)
+        self.image, self.text = (_filled_or_empty(b, dim, dtype) for b in (image, text))
         above = max((b.max_id + 1 for b in filled), default=0) if next_id is None or check else 0
         self._next_id = max(above, next_id or 0)
 
@@ -634,6 +633,14 @@ def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
     metadata = _check_metadata(metadata, n, f"{modality} metadata")
     check_nonzero_rows(emb, name=f"{modality} embeddings")
     return make_bank(l2_normalize(emb), labels, ids, metadata)
+
+
+def _filled_or_empty(bank, dim, dtype):
+    """`bank` if it has items or is already the empty bank of `dim` and `dtype`."""
+    if bank is not None and (len(bank) or (
+            bank.dim == dim and bank.slot_labels.dtype == dtype and not bank.n_slots)):
+        return bank
+    return empty_bank(dim, dtype)
 
 
 def _check_compatible(a, b, what, check_ids=True):
