@@ -19,7 +19,7 @@ classes, k = 32 neighbours, rank voting:
    bytes) queries/s.
 2. Queries/s of ``KNNVoteClassifier.predict`` with the exact "flat" index:
    the default (certified screen where measured faster, see
-   ``skmml.screening``), float32 only (``screen="off"``), and certified bf16
+   ``skmml.retrieval._screening``), float32 only (``screen="off"``), and certified bf16
    and fp16 forced; of scikit-learn's ``KNeighborsClassifier(algorithm=
    "brute", metric="cosine").predict``; of a raw ``faiss.IndexFlatIP.search``
    and a raw ScaNN brute-force search alone; for a batch of 4096 queries
@@ -350,7 +350,7 @@ def bench_memory(method, cache_dir, n, n_queries):
 def bench_speed(methods, cache_dir, n, n_queries, n_single, repeats, machine=None):
     """Batched and single-query rates and accuracy, methods interleaved; for skmml's
     variants, how many neighbour rows and predictions differ from float32 search."""
-    from skmml import screening
+    from skmml.retrieval import _screening as screening
 
     X, y, Q, qy = load_data(cache_dir, n, n_queries)
     memory = Memory(X, y) if any(m in SCREENS for m in methods) else None

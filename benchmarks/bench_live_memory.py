@@ -10,7 +10,7 @@ Two measurements, one run, on clustered synthetic unit vectors (d = 512,
    so run the two alternately, as the closing note of issue 10 did.
 2. The cost of a 1-item ``partial_fit`` and a 1-item ``forget`` while the
    estimator serves, for the exact index (N = 100k and 1M) and IVF (100k).
-   The exact index follows the memory's storage (:mod:`skmml.bank`): an
+   The exact index follows the memory's storage (``skmml.memory._bank``): an
    addition writes into spare capacity shared by the memory's versions (the
    first one after ``fit`` copies the memory once into a store with room),
    a removal marks a slot dead, so both cost what they change; the script

@@ -19,7 +19,7 @@ IVF_FLAT):
 
 The real server is PyPI's ``milvus`` 2.3.5 standalone, started here in a
 network namespace of its own and reached through a forwarder on 127.0.0.1
-(:mod:`skmml._local_milvus`), sharing this machine's cores with the client. Milvus Lite runs
+(``tests/_local_milvus.py``), sharing this machine's cores with the client. Milvus Lite runs
 inside the client process, so its RSS includes the engine.
 
 Run: ``python benchmarks/bench_scale.py [--sizes 100000 1000000]``
@@ -225,7 +225,9 @@ def main():
         return
     import psutil
 
-    from skmml._local_milvus import LocalMilvusServer
+    # The loopback-only server of the test suite (test infrastructure, not the package).
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from _local_milvus import LocalMilvusServer
 
     rows, server_rss = [], {}
     with tempfile.TemporaryDirectory() as folder:

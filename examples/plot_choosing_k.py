@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from skmml import KNNVoteClassifier
-from skmml.voting import VOTING_SCHEMES
+from skmml.neighbors import VOTING_SCHEMES
 
 X, y = load_digits(return_X_y=True)
 X_mem, X_test, y_mem, y_test = train_test_split(

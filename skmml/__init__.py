@@ -1,15 +1,12 @@
 """skmml: memory-modular, retrieval-augmented classification for scikit-learn."""
 
-from .bank import MemoryBank
-from .builders import build_memory
-from .display import ExplanationDisplay
-from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder
-from .knn import KNNVoteClassifier
-from .memory import Memory
-from .milvus import MilvusMemory
+from ._display import ExplanationDisplay
+from .backends import MilvusMemory
+from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder, ZeroShotCLIPClassifier
+from .memory import Memory, MemoryBank, build_memory
 from .mml import MemoryModularClassifier
+from .neighbors import KNNVoteClassifier
 from .retrieval import NeighborIndex
-from .zero_shot import ZeroShotCLIPClassifier
 
 __version__ = "0.1.0.dev0"
 

@@ -95,13 +95,13 @@ def milvus_local_server(tmp_path_factory):
 
     PyPI's ``milvus`` package bundles the server with embedded etcd. It runs
     in a network namespace of its own where the machine allows one, so that
-    only this machine's loopback reaches it (:mod:`skmml._local_milvus`);
+    only this machine's loopback reaches it (``tests/_local_milvus.py``);
     authentication is on (user root), and it stops when the session ends.
     The tests that need it are skipped, with the reason, only when it cannot
     start here.
     """
     pytest.importorskip("pymilvus")
-    from skmml._local_milvus import LocalMilvusServer
+    from _local_milvus import LocalMilvusServer
 
     try:
         import milvus  # noqa: F401

@@ -1,4 +1,4 @@
-"""Banks share storage between versions: changes cost what they change (skmml.bank)."""
+"""Banks share storage between versions: changes cost what they change (skmml.memory._bank)."""
 
 import pickle
 
@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skmml import KNNVoteClassifier, Memory, retrieval
-from skmml.bank import MemoryBank
+from skmml import KNNVoteClassifier, Memory
+from skmml.retrieval import _exact
+from skmml.memory import MemoryBank
 
 
 def _unit(rng, n, d=8):
@@ -60,7 +61,9 @@ def test_forgetting_marks_slots_dead_without_copying_and_compacts_past_a_sixteen
     np.testing.assert_array_equal(bank.embeddings, before[0][keep])
     assert bank.metadata["path"].tolist() == [f"{i}.jpg" for i in keep]
     assert bank.max_id == 998
-    np.testing.assert_array_equal(bank.rows_of([4, 998]), [3, 996])
+    slots, found = bank.slots_of([4, 998])
+    assert found.all()
+    np.testing.assert_array_equal(np.searchsorted(bank.live_slots, slots), [3, 996])  # rows
     np.testing.assert_array_equal(bank.contains([3, 4, 999]), [False, True, False])
     # From the high-water mark: the forgotten 999 is never given again.
     assert smaller.add(_unit(rng, 1), [0]).image.ids[-1] == 1000
@@ -89,11 +92,12 @@ def test_ids_that_do_not_increase_are_looked_up_by_sorting():
     assert bank.n_slots == 42 and len(bank) == 41  # a tombstone, not compacted
     expected = np.concatenate([np.delete(ids, 3), [5, 60]])
     np.testing.assert_array_equal(bank.ids, expected)
-    np.testing.assert_array_equal(bank.rows_of([5, ids[0], 60, ids[4]]), [39, 0, 40, 3])
+    slots, found = bank.slots_of([5, ids[0], 60, ids[4]])
+    assert found.all()
+    np.testing.assert_array_equal(np.searchsorted(bank.live_slots, slots), [39, 0, 40, 3])
     np.testing.assert_array_equal(bank.slots_of([5, ids[0], 60, ids[4]])[0], [40, 0, 41, 4])
     assert bank.max_id == 139
-    with pytest.raises(ValueError, match=rf"Unknown memory ids: \[{ids[3]}\]"):
-        bank.rows_of([ids[3]])
+    assert not bank.slots_of([ids[3]])[1].any()  # forgotten: not a live item
 
 
 def test_metadata_by_slot_spans_the_chunks_of_several_additions():
@@ -124,8 +128,8 @@ def test_pickled_banks_hold_the_live_items_only():
 def test_predictions_over_dead_slots_equal_a_fresh_fit_on_the_remaining_items(
         pruning, n_queries, monkeypatch):
     blas_calls = []
-    blas = retrieval._top_k_blas
-    monkeypatch.setattr(retrieval, "_top_k_blas",
+    blas = _exact._top_k_blas
+    monkeypatch.setattr(_exact, "_top_k_blas",
                         lambda q, *args: blas_calls.append(len(q)) or blas(q, *args))
     rng = np.random.default_rng(6)
     centres = _unit(rng, 4, d=16)
@@ -147,7 +151,7 @@ def test_predictions_over_dead_slots_equal_a_fresh_fit_on_the_remaining_items(
     blas_calls.clear()
     ids = clf.kneighbors(queries)[1]
     assert not np.isin(ids, gone).any()
-    assert blas_calls == [n_queries if n_queries < retrieval.SMALL_BATCH else 5]
+    assert blas_calls == [n_queries if n_queries < _exact.SMALL_BATCH else 5]
     np.testing.assert_array_equal(ids, keep[fresh.kneighbors(queries)[1]])
     np.testing.assert_array_equal(clf.predict_proba(queries), fresh.predict_proba(queries))
     np.testing.assert_array_equal(clf.kneighbors()[1], keep[fresh.kneighbors()[1]])

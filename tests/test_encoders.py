@@ -8,7 +8,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 
-import skmml.encoders as encoders
+import skmml.encoders._encoders as encoders
 from skmml import CLIPImageEncoder, CLIPTextEncoder, KNNVoteClassifier, TimmImageEncoder
 
 pytest.importorskip("open_clip")
@@ -368,7 +368,7 @@ def test_an_unreachable_hub_fails_within_seconds_with_guidance(make, monkeypatch
 def test_the_hub_probe_leaves_proxied_networks_to_huggingface_hub(monkeypatch):
     from huggingface_hub import constants
 
-    from skmml.encoders import _check_hub_answers
+    from skmml.encoders._encoders import _check_hub_answers
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")

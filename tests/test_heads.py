@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from skmml.heads import IntegrationHead, QuickGELU
+from skmml.mml._heads import IntegrationHead, QuickGELU
 
 
 def test_architecture_is_the_reference_block():

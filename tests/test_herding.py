@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from skmml import Memory
-from skmml.herding import herding_order
+from skmml.memory import herding_order
 
 
 def _brute_force_order(X):

@@ -371,7 +371,7 @@ def test_the_bomb_is_refused_before_decompression_and_max_bytes_can_allow_it(tmp
 
 
 def test_interrupted_or_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    import skmml.memory as memory_module
+    import skmml.memory._memory as memory_module
 
     path = tmp_path / "memory.npz"
     old = Memory(np.eye(3), [0, 1, 2])

@@ -1,4 +1,4 @@
-"""A memory held in Milvus (skmml.milvus): Milvus Lite always, the real server when it starts.
+"""A memory held in Milvus (skmml.backends.milvus): Milvus Lite always, the real server when it starts.
 
 The Lite tier checks the API contract in ``tmp_path``; the server tier (the
 ``milvus_server`` fixture, a real Milvus 2.3.5 standalone on 127.0.0.1 with

@@ -9,9 +9,9 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 
-import skmml.mml as mml
+import skmml.mml._classifier as mml
 from skmml import Memory, MemoryModularClassifier
-from skmml.prototypes import class_prototypes
+from skmml.mml import class_prototypes
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from skmml import Memory
-from skmml.prototypes import class_prototypes
+from skmml.mml import class_prototypes
 
 
 def _unit(*rows):

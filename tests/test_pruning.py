@@ -3,7 +3,7 @@ import pytest
 
 from skmml import Memory
 from skmml.backends import LocalBackend
-from skmml.pruning import item_weights, wrong_neighbor_counts
+from skmml.neighbors._pruning import item_weights, wrong_neighbor_counts
 from skmml.retrieval import NeighborIndex
 
 

@@ -1,4 +1,4 @@
-"""ScaNN as an index type (skmml.scann_index): ids, in-place changes, versions, pickling, errors."""
+"""ScaNN as an index type (skmml.retrieval._scann): ids, in-place changes, versions, pickling, errors."""
 
 import sys
 

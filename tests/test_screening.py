@@ -1,4 +1,4 @@
-"""Certified exact search (skmml.screening): a reduced-precision screen, a float32 re-rank.
+"""Certified exact search (skmml.retrieval._screening): a reduced-precision screen, a float32 re-rank.
 
 The screen may only change how fast the exact index is, never what it returns:
 every test compares ids and their order with float32 search (``screen="off"``)
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from skmml import KNNVoteClassifier, Memory, screening
+from skmml import KNNVoteClassifier, Memory
+from skmml.retrieval import _screening as screening
 from skmml.retrieval import NeighborIndex
 
 FORMATS = ["fp16", "bf16"]

@@ -1,6 +1,6 @@
 import pytest
 
-from skmml.text import IMAGENET_TEMPLATES, fill_templates, split_document
+from skmml.memory import IMAGENET_TEMPLATES, fill_templates, split_document
 
 
 def test_templates_are_clips_80():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from skmml.voting import staged_winners, tally, vote_weights
+from skmml.neighbors._voting import staged_winners, tally, vote_weights
 
 
 def _reference_winner(codes, weights):
@@ -82,7 +82,7 @@ def test_staged_winners_match_a_loop_for_every_prefix(voting):
 
 
 def test_staged_winners_chunking_gives_the_same_result(monkeypatch):
-    import skmml.voting as voting
+    import skmml.neighbors._voting as voting
 
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 3, size=(50, 8))
@@ -94,7 +94,7 @@ def test_staged_winners_chunking_gives_the_same_result(monkeypatch):
 
 @pytest.mark.parametrize("voting", ["rank", "plurality"])
 def test_large_k_sums_position_by_position_with_the_same_winners(monkeypatch, voting):
-    import skmml.voting as voting_module
+    import skmml.neighbors._voting as voting_module
 
     rng = np.random.default_rng(2)
     n, k = 40, 30
@@ -123,7 +123,7 @@ def test_staged_winners_work_memory_is_linear_in_k():
 
 
 def test_votes_are_summed_in_neighbour_order_on_both_paths(monkeypatch):
-    import skmml.voting as voting_module
+    import skmml.neighbors._voting as voting_module
 
     # 0.3 vs 0.05 + 0.2 + 0.05: equal in neighbour order (a tie the first
     # class wins), 0.30000000000000004 in another order.

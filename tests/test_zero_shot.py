@@ -3,7 +3,7 @@ import pytest
 from sklearn.preprocessing import FunctionTransformer
 
 from skmml import ZeroShotCLIPClassifier
-from skmml.text import IMAGENET_TEMPLATES
+from skmml.memory import IMAGENET_TEMPLATES
 
 
 def _letters(texts):

@@ -71,7 +71,7 @@ class _RowStore:
         self.increasing = _increasing_prefix(ids)  # ids[:increasing] strictly increase
         self.lock = threading.Lock()
         # Reduced-precision copies for certified search, by format, built on
-        # first use (skmml.screening).
+        # first use (skmml.retrieval._screening).
         self.low_precision = {}
 
     @property
@@ -94,7 +94,7 @@ class MemoryBank:
     A bank is immutable: its arrays are read-only, and every change to a
     :class:`~skmml.Memory` returns new banks that share storage with the old
     ones, so that adding or forgetting a few items costs time proportional
-    to those items, not to the bank (see :mod:`skmml.bank`).
+    to those items, not to the bank (see :mod:`skmml.memory._bank`).
 
     Parameters
     ----------
@@ -267,14 +267,6 @@ class MemoryBank:
         found = self.ids[rows] == ids
         return (self.live_slots[rows] if self._dead.size else rows), found
 
-    def rows_of(self, ids):
-        """Return the row of each id in `ids`; raise a ValueError for unknown ids."""
-        ids = np.asarray(ids, dtype=np.int64)
-        slots, found = self.slots_of(ids)
-        if not np.all(found):
-            raise ValueError(f"Unknown memory ids: {ids[~found][:10].tolist()}.")
-        return slots - np.searchsorted(self._dead, slots) if self._dead.size else slots
-
     def contains(self, ids):
         """Boolean mask: which of `ids` are items of this bank."""
         return self.slots_of(ids)[1]
@@ -398,11 +390,6 @@ def _reduced_counts(counts, removed_labels):
     n[np.searchsorted(classes, gone)] -= gone_n
     keep = n > 0
     return classes[keep], n[keep]
-
-
-def make_bank(embeddings, labels, ids, metadata):
-    """A bank over the given arrays, without copying them."""
-    return MemoryBank(embeddings, labels, ids, metadata)
 
 
 def empty_bank(dim=0, labels_dtype=np.int64):

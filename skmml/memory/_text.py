@@ -144,7 +144,7 @@ def split_document(text, max_words=75):
 
     Examples
     --------
-    >>> from skmml.text import split_document
+    >>> from skmml.memory import split_document
     >>> doc = '''The tench is a fish. It lives in lakes!
     ... == References ==
     ... Smith (2001). Fish.'''
@@ -187,7 +187,7 @@ def fill_templates(class_name, templates=IMAGENET_TEMPLATES):
 
     Examples
     --------
-    >>> from skmml.text import fill_templates
+    >>> from skmml.memory import fill_templates
     >>> fill_templates("tench")[:2]
     ['a bad photo of a tench.', 'a photo of many tench.']
     """

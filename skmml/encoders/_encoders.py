@@ -27,7 +27,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from tqdm.auto import tqdm
 
-from ._validation import resolve_device
+from .._validation import resolve_device
 
 __all__ = ["CLIPImageEncoder", "CLIPTextEncoder", "TimmImageEncoder", "clear_model_cache"]
 

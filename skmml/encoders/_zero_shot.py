@@ -9,8 +9,9 @@ from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._validation import input_metadata_kept_on_error, l2_normalize
-from .text import IMAGENET_TEMPLATES, fill_templates
+from .._validation import input_metadata_kept_on_error, l2_normalize
+from ..memory._text import IMAGENET_TEMPLATES, fill_templates
+from ._encoders import CLIPTextEncoder
 
 __all__ = ["ZeroShotCLIPClassifier"]
 
@@ -32,7 +33,7 @@ class ZeroShotCLIPClassifier(ClassifierMixin, BaseEstimator):
         embeddings; None means ``CLIPTextEncoder()`` (OpenAI ViT-B/32).
     templates : "imagenet" or list of str, default="imagenet"
         Prompt templates with one ``{}`` for the class name; "imagenet" is
-        CLIP's 80 ImageNet templates (:data:`skmml.text.IMAGENET_TEMPLATES`).
+        CLIP's 80 ImageNet templates (:data:`skmml.memory.IMAGENET_TEMPLATES`).
     class_names : dict, default=None
         Label -> the name written into the prompts; labels missing from it
         (or all, with None) are written as ``str(label)``.
@@ -102,8 +103,6 @@ class ZeroShotCLIPClassifier(ClassifierMixin, BaseEstimator):
             prompts = [p for c in classes for p in fill_templates(str(names.get(c, c)), templates)]
             encoder = self.text_encoder
             if encoder is None:
-                from .encoders import CLIPTextEncoder
-
                 encoder = CLIPTextEncoder()
             embedded = l2_normalize(np.asarray(encoder.transform(prompts), dtype=np.float32))
             if embedded.shape != (len(prompts), X.shape[1]):

@@ -27,7 +27,7 @@ A query with more than :data:`MAX_CANDIDATE_FRACTION` of the memory among its
 candidates (near-equal scores everywhere: duplicates, degenerate data) is
 handed back to plain float32 search; the answer is exact either way. The
 low-precision copy of a memory (half its float32 bytes) lives with the
-bank's append-only store (:mod:`skmml.bank`): built on first use, extended
+bank's append-only store (``skmml.memory._bank``): built on first use, extended
 as items are added, never rewritten, so readers of any version share it.
 Whether the screen pays is measured once per machine and dimension
 (:func:`screen_format`).
@@ -39,7 +39,9 @@ import warnings
 import numpy as np
 import torch
 
-from ._machine import best_time, measured
+from .._machine import best_time, measured
+from ..memory._bank import MemoryBank
+from ._exact import SMALL_BATCH, _top_k_blas, rescore
 
 #: The reduced-precision formats a screen may use.
 FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,8 +56,6 @@ _SCREEN_BLOCK = 1 << 24
 #: Rows converted at a time when a store's copy is extended (its float64
 #: temporaries stay near 16 MB at d = 512).
 _CONVERT_BLOCK = 1 << 12
-#: (query, candidate) pairs re-scored at a time.
-_RESCORE_BLOCK = 8192
 #: The screen must beat float32 search by this factor to be chosen automatically.
 _MIN_GAIN = 1.15
 #: "auto" screens memories of at least this many items.
@@ -87,7 +87,7 @@ class LowPrecisionCopy:
     """A store's rows in float16 or bfloat16, with the bounds the screen needs.
 
     Rows are converted on first use, in order; rows below the store's length
-    never change (:class:`skmml.bank._RowStore`), so converted rows stay
+    never change (:class:`skmml.memory._bank._RowStore`), so converted rows stay
     valid for every version of the bank. Running maxima of the per-row
     bounds make ``max over the first n rows`` an O(1) lookup.
     """
@@ -152,19 +152,6 @@ def _float32_at_or_below(thr):
     too_high = rounded.astype(np.float64) > thr
     rounded[too_high] = np.nextafter(rounded[too_high], np.float32(-np.inf))
     return torch.from_numpy(rounded)
-
-
-def rescore(queries, embeddings, q, slots):
-    """Float32 scores of the (query `q`, item `slots`) pairs, one fixed kernel.
-
-    The kernel of :func:`skmml.retrieval.canonical_neighbours`: a pair's score
-    does not depend on the batch it is computed in.
-    """
-    out = np.empty(q.shape[0], dtype=np.float32)
-    for start in range(0, q.shape[0], _RESCORE_BLOCK):
-        b = slice(start, start + _RESCORE_BLOCK)
-        out[b] = np.einsum("md,md->m", queries[q[b]], embeddings[slots[b]])
-    return out
 
 
 def certified_search(queries, bank, k, fmt):
@@ -244,8 +231,6 @@ def _measure(regime, dim):
     dropped after one call, so the measurement takes well under a second
     where half precision is emulated.
     """
-    from .bank import MemoryBank
-    from .retrieval import _top_k_blas
 
     import faiss
     import pandas as pd
@@ -285,14 +270,13 @@ def screen_format(requested, n_queries, n_items, dim):
     under a millisecond), for one query at a time or for batches of at least
     20 (2 to 19 queries share one float32 pass over the memory, which a
     per-query screen does not beat). Measurements are cached in this process
-    and on disk (:func:`_cache_path`), keyed by the CPU's flags and the
+    and on disk (:func:`skmml._machine.cache_path`), keyed by the CPU's flags and the
     library versions (:func:`skmml._machine.measured`).
     """
     if requested == "off":
         return None
     if requested in FORMATS:
         return requested
-    from .retrieval import SMALL_BATCH
 
     if n_items < AUTO_MIN_ITEMS:
         return None

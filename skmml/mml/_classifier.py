@@ -15,15 +15,14 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._machine import bf16_matmul_gain
-from ._state import State, publish, validate_aside, writer_lock
-from ._validation import check_n_neighbors, l2_normalize, resolve_device
-from .backends import MODALITIES, MemoryLike
-from .bank import MemoryBank
-from .base import BaseMemoryClassifier
-from .heads import IntegrationHead
-from .memory import Memory
-from .prototypes import PROTOTYPE_MODES, class_prototypes
+from .._machine import bf16_matmul_gain
+from .._state import State, publish, validate_aside, writer_lock
+from .._validation import check_n_neighbors, l2_normalize, resolve_device
+from ..backends import MemoryLike
+from ..base import BaseMemoryClassifier
+from ..memory import MODALITIES, Memory, MemoryBank
+from ._heads import IntegrationHead
+from ._prototypes import PROTOTYPE_MODES, class_prototypes
 
 BRANCHES = MODALITIES
 
@@ -250,7 +249,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
     -----
     Departures from the reference code, each for CPU training or for
     generalisation to unseen classes: zero-initialised residual gates
-    (:class:`~skmml.heads.IntegrationHead` explains why gates and not
+    (:class:`~skmml.mml.IntegrationHead` explains why gates and not
     zero-initialised output layers),
     AdamW with lr 1e-3 for 20 epochs instead of Adam with lr 1e-6, and epoch
     selection on held-out classes with their own memory rather than on

@@ -10,7 +10,7 @@ label differs from the query's is charged one *wrong-neighbour* count.
 
 import numpy as np
 
-from .backends import KeyCounts
+from ..backends._base import KeyCounts
 
 PRUNING_MODES = ("hard", "soft")
 SOFT_PRUNING_SCALE = 1.75

@@ -3,17 +3,15 @@
 :class:`MilvusMemory` is a handle on a Milvus collection (Milvus Lite, a
 file-backed embedded engine, or a Milvus server) that holds a memory's items:
 one row per item with its id, embedding, label, modality and metadata. The
-classifiers search it where it lives through :class:`MilvusBackend` (the
-same narrow interface as the in-RAM :class:`~skmml.backends.LocalBackend`):
+classifiers search it where it lives through its backend (the protocol of
+every memory, :mod:`skmml.backends`):
 the client holds no embeddings, only what is small (the class counts, the
 connection description, and pruning counts of the items that have one).
 
 Needs ``pip install "skmml[milvus]"`` (pymilvus and milvus-lite).
 """
 
-import functools
 import json
-import logging
 import os
 import threading
 import time
@@ -24,66 +22,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
-                          check_nonzero_rows)
-from ._validation import l2_normalize
-from .backends import MemoryBackend, Neighbors
-from .retrieval import self_mask, tie_order
-
-#: Modality codes in the collection's ``modality`` field.
-MODALITY_CODES = {"image": 0, "text": 1}
-#: Index types a collection may be built with (IVF_PQ and DISKANN on a server).
-INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN")
-#: Milvus consistency levels; "Strong" makes every write visible to the next read.
-CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
-#: Milvus's largest top-k.
-MAX_TOP_K = 16384
-#: Longest string label a collection stores.
-MAX_LABEL_LENGTH = 1024
-#: Where the token comes from when the ``token`` parameter is not given.
-TOKEN_ENV = "MILVUS_TOKEN"
-
-_FORMAT = "skmml.MilvusMemory"
-_ALLOCATOR_SUFFIX = "__skmml_ids"
-#: Most ids by which explicit ids may move the high-water mark in one call.
-_MAX_MARK_JUMP = 2**20
-#: Collection property holding the layout (labels' type, id base).
-_LAYOUT_KEY = "skmml.layout"
-
-
-def _pymilvus():
-    try:
-        import pymilvus
-    except ImportError:
-        raise ImportError(
-            'MilvusMemory needs pymilvus and milvus-lite: pip install "skmml[milvus]"'
-        ) from None
-    _quiet_benign_logs()
-    return pymilvus
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *starts):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record):
-        return not record.getMessage().startswith(self.starts)
-
-
-@functools.cache
-def _quiet_benign_logs():
-    """Silence two messages Milvus Lite causes on every streamed read, which are harmless.
-
-    Lite's in-process server does not implement the timestamp call that
-    pymilvus's query iterator makes first; pymilvus then falls back to a
-    client-side timestamp (correct here: Lite reads its own writes).
-    """
-    logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(
-        _DropMessages("failed to get mvccTs"))
-    logging.getLogger("grpc._server").addFilter(
-        _DropMessages("Exception calling application: Method not implemented"))
-
+from ..._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
+                           check_nonzero_rows, l2_normalize)
+from ...retrieval._exact import tie_order
+from ._backend import MilvusBackend
+from ._connection import _connect, _connection_error, _disconnect, _pymilvus
+from ._schema import (_ALLOCATOR_SUFFIX, _FORMAT, _LAYOUT_KEY, _MAX_MARK_JUMP, CONSISTENCY_LEVELS,
+                      INDEX_TYPES, MAX_TOP_K, MODALITY_CODES, _classes, _create_collection,
+                      _labels_array, _labels_kind, _metadata_frame, _rows)
 
 class MilvusMemory:
     """A memory held in a Milvus collection: a handle on shared, mutable state.
@@ -304,7 +250,7 @@ class MilvusMemory:
         -------
         MilvusMemory
         """
-        from .memory import Memory
+        from ...memory._memory import Memory
 
         if not isinstance(memory, Memory):
             raise TypeError(f"from_memory() needs a Memory, got {type(memory).__name__}.")
@@ -463,7 +409,7 @@ class MilvusMemory:
 
     def _memory_of(self, rows):
         """An in-RAM Memory of `rows` (dicts from the collection), ordered by id per modality."""
-        from .memory import Memory
+        from ...memory._memory import Memory
 
         given = {}
         for modality, code in MODALITY_CODES.items():
@@ -763,263 +709,3 @@ class MilvusMemory:
             self._describe()
             return self.__dict__[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
-class MilvusBackend(MemoryBackend):
-    """A :class:`MilvusMemory` for the classifiers; keys are ids.
-
-    Writes go to the shared collection and return a new backend whose class
-    list follows them. Prediction only: it has no key table, so searches
-    return the neighbors' vectors when asked.
-    """
-
-    def __init__(self, memory, modalities=("image",)):
-        self.memory, self.modalities = memory, modalities
-        self.n_features = memory.n_features
-
-    @classmethod
-    def build(cls, memory, modalities, unified):
-        if unified:
-            raise ValueError("unified_memory=True searches one in-RAM bank of both "
-                             "modalities; a MilvusMemory is searched per modality.")
-        for modality in modalities:
-            if not memory.n_items(modality):
-                raise ValueError(f"The memory has no {modality} items to retrieve from.")
-        return cls(memory, modalities)
-
-    def n_items(self, modality="image"):
-        return self.memory.n_items(modality)
-
-    def classes(self, modalities=("image",)):
-        counts = self.memory._class_counts()
-        return _classes({m: counts[m] for m in modalities}, self.memory._labels_kind)
-
-    def search(self, queries, k, modality="image", *, exclude_ids=None, vectors=False,
-               verbose=False):
-        extra = int(exclude_ids is not None)
-        found = self.memory.search(queries, k + extra, modality=modality, vectors=vectors,
-                                   verbose=verbose)
-        sims, ids, labels = found[:3]
-        vecs = found[3] if vectors else None
-        if exclude_ids is not None:
-            is_self = ids == np.asarray(exclude_ids)[:, None]
-            n = ids.shape[0]
-            keep = ~self_mask(is_self)
-            sims, ids, labels = (a[keep].reshape(n, k) for a in (sims, ids, labels))
-            if vecs is not None:
-                vecs = vecs[keep].reshape(n, k, -1)
-        return Neighbors(sims, ids, ids, labels, vecs)
-
-    def leave_one_out(self, k, verbose=False):
-        """Batches of (query keys, query labels, neighbors), streamed from the collection."""
-        with tqdm(total=self.n_items(), desc="leave-one-out", unit="item",
-                  disable=not verbose) as bar:
-            for page in self.memory._scan(["embedding", "label"],
-                                          f"modality == {MODALITY_CODES['image']}"):
-                ids = np.asarray([row["id"] for row in page], dtype=np.int64)
-                queries = np.asarray([row["embedding"] for row in page], dtype=np.float32)
-                labels = _labels_array([row["label"] for row in page],
-                                       self.memory._labels_kind)
-                bar.update(len(ids))
-                yield ids, labels, self.search(queries, k, exclude_ids=ids)
-
-    def metadata(self, keys, modality="image"):
-        return self.memory.metadata(keys)
-
-    def items(self, keys=None):
-        if keys is None:
-            rows = [row for page in self.memory._scan(
-                ["label"], f"modality == {MODALITY_CODES['image']}") for row in page]
-            keys = np.asarray([row["id"] for row in rows], dtype=np.int64)
-        else:
-            rows = self.memory.get(keys, ("label",))
-        return keys, np.asarray(keys, dtype=np.int64), _labels_array(
-            [row["label"] for row in rows], self.memory._labels_kind)
-
-    def class_memories(self, classes):
-        return self.memory.class_memories(classes)
-
-    def n_items_without(self, ids):
-        rows = self.memory.get(ids, ("modality",))
-        gone = np.bincount([row["modality"] for row in rows], minlength=len(MODALITY_CODES))
-        return {m: self.memory.n_items(m) - int(gone[code])
-                for m, code in MODALITY_CODES.items()}
-
-    def add(self, X, y, ids=None):
-        ids = self.memory.add(X, y, ids=ids)
-        return MilvusBackend(self.memory, self.modalities), ids
-
-    def expand(self, memory, reassign_ids=False):
-        ids = self.memory.expand(memory, reassign_ids=reassign_ids)
-        return MilvusBackend(self.memory, self.modalities), ids
-
-    def remove(self, ids):
-        self.memory.remove(ids)
-        return MilvusBackend(self.memory, self.modalities)
-
-
-# -- helpers --------------------------------------------------------------------------------
-
-
-#: Open skmml handles per Milvus Lite path in this process (see MilvusMemory.close).
-_LITE_HANDLES = {}
-_LITE_GUARD = threading.Lock()
-
-
-def _is_lite(uri):
-    return uri.endswith(".db")
-
-
-def _connect(uri, token, timeout):
-    pymilvus = _pymilvus()
-    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
-    try:
-        client = pymilvus.MilvusClient(uri, token=token, timeout=timeout)
-    except pymilvus.exceptions.MilvusException as exc:
-        raise _connection_error(uri, None, exc) from None
-    if _is_lite(uri):
-        with _LITE_GUARD:
-            key = os.path.abspath(uri)
-            _LITE_HANDLES[key] = _LITE_HANDLES.get(key, 0) + 1
-    return client
-
-
-def _disconnect(uri, client):
-    """Close `client`; the last handle on a Lite file also stops its in-process engine.
-
-    Milvus Lite keeps a file's engine (and its lock) for the life of the
-    process; stopping it with the last handle lets another process open the
-    file.
-    """
-    client.close()
-    if not _is_lite(uri):
-        return
-    key = os.path.abspath(uri)
-    with _LITE_GUARD:
-        _LITE_HANDLES[key] -= 1
-        last = not _LITE_HANDLES[key]
-        if last:
-            del _LITE_HANDLES[key]
-    if last:
-        from milvus_lite.server_manager import server_manager_instance
-
-        server_manager_instance.release_server(key)
-
-
-def _answers(uri):
-    """Whether something accepts TCP connections at the server URL `uri`."""
-    import socket
-    from urllib.parse import urlparse
-
-    parsed = urlparse(uri if "://" in uri else f"http://{uri}")
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 19530), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def _lite_locked(uri):
-    """Whether another process holds the lock of the Milvus Lite file `uri`."""
-    import fcntl
-
-    lock = os.path.join(uri, "LOCK")
-    if not os.path.exists(lock):
-        return False
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
-def _connection_error(uri, collection, exc):
-    """A ConnectionError naming the URI, with what to do about it."""
-    message = str(getattr(exc, "message", exc))
-    where = f"Milvus at {uri}" if collection is None else \
-        f"Milvus collection {collection!r} at {uri}"
-    if _is_lite(uri) and (_lite_locked(uri) or "lock" in message.lower()):
-        hint = ("another process has this Milvus Lite file open; Lite serves one process per "
-                "file. To share it, serve it: `milvus-lite server --data-dir "
-                f"{uri} --host 127.0.0.1 --port 19530` and connect every process with "
-                "uri='http://127.0.0.1:19530'.")
-    elif _answers(uri):
-        # The server is up but refused the handshake: pymilvus reports a
-        # wrong or missing token like an unreachable server.
-        hint = (f"authentication failed (the server answers but refused the connection): "
-                f"check the token (the token parameter or ${TOKEN_ENV}).")
-    else:
-        hint = "the server is unreachable."
-    return ConnectionError(f"Cannot use {where}: {hint} ({message})")
-
-
-def _create_collection(client, name, dim, labels_kind, id_base, index_type, index_params):
-    pymilvus = _pymilvus()
-    DataType = pymilvus.DataType
-    schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-    if labels_kind == "integer":
-        schema.add_field("label", DataType.INT64)
-    else:
-        schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL_LENGTH)
-    schema.add_field("modality", DataType.INT8)
-    schema.add_field("metadata", DataType.JSON)
-    index = client.prepare_index_params()
-    index.add_index("embedding", index_type=index_type, metric_type="IP",
-                    params=index_params)
-    layout = {"format": _FORMAT, "labels": labels_kind, "id_base": id_base}
-    client.create_collection(name, schema=schema, index_params=index,
-                             consistency_level="Strong",
-                             properties={_LAYOUT_KEY: json.dumps(layout)})
-    allocator = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
-    allocator.add_field("id", DataType.INT64, is_primary=True)
-    allocator.add_field("slot", DataType.FLOAT_VECTOR, dim=2)
-    index = client.prepare_index_params()
-    index.add_index("slot", index_type="FLAT", metric_type="IP")
-    client.create_collection(name + _ALLOCATOR_SUFFIX, schema=allocator, index_params=index)
-
-
-def _metadata_frame(rows):
-    """The "metadata" JSON of `rows`, one DataFrame row each."""
-    return pd.DataFrame.from_records([row.get("metadata") or {} for row in rows],
-                                     index=pd.RangeIndex(len(rows)))
-
-
-def _labels_kind(labels):
-    labels = np.asarray(labels)
-    if labels.dtype.kind in "iu":
-        return "integer"
-    if labels.dtype.kind in "US":
-        if labels.size and max(len(str(v)) for v in np.unique(labels)) > MAX_LABEL_LENGTH:
-            raise ValueError(f"Milvus memories store labels of at most {MAX_LABEL_LENGTH} "
-                             "characters.")
-        return "string"
-    raise ValueError(f"Milvus memories take integer or string labels, got {labels.dtype}.")
-
-
-def _labels_array(labels, kind, missing=None):
-    labels = np.asarray(labels, dtype=object)
-    if missing is not None:
-        labels = np.where(missing, 0 if kind == "integer" else "", labels)
-    if kind == "integer":
-        return labels.astype(np.int64)
-    return labels.astype(str)
-
-
-def _classes(counts, kind):
-    labels = sorted({label for bucket in counts.values() for label, n in bucket.items() if n})
-    return _labels_array(labels, kind) if labels else np.empty(
-        0, dtype=np.int64 if kind == "integer" else "<U1")
-
-
-def _rows(ids, embeddings, labels, modality, metadata):
-    """Rows for ``client.insert``: a list of dicts (pymilvus takes no column dict)."""
-    records = (json.loads(metadata.to_json(orient="records")) if metadata.shape[1]
-               else [{}] * len(ids))
-    code = MODALITY_CODES[modality]
-    return [{"id": int(i), "embedding": e, "label": label.item(), "modality": code,
-             "metadata": m}
-            for i, e, label, m in zip(ids, embeddings, np.asarray(labels), records)]

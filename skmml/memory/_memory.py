@@ -10,11 +10,11 @@ import zipfile
 import numpy as np
 import pandas as pd
 
-from ._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
+from .._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
                           check_nonzero_rows, l2_normalize)
-from .backends import LocalBackend
-from .bank import empty_bank, make_bank
-from .herding import herding_order
+from ._bank import MemoryBank, empty_bank
+from ._herding import herding_order
+from ._sources import IMAGE_EXTENSIONS, encoded, folder_items
 
 MODALITIES = ("image", "text")
 _FORMAT = "skmml.Memory"
@@ -152,14 +152,14 @@ class Memory:
         self._next_id = max(above, next_id or 0)
 
     @classmethod
-    def from_folder(cls, root, image_encoder, text_encoder=None, **kwargs):
+    def from_folder(cls, root, image_encoder, text_encoder=None, extensions=IMAGE_EXTENSIONS):
         """A memory from ``root/<class>/*.jpg`` and optional ``root/<class>.txt`` documents.
 
-        See :func:`skmml.builders.memory_from_folder` for the parameters.
+        See :func:`skmml.memory.memory_from_folder` for the parameters.
         """
-        from .builders import memory_from_folder
-
-        return memory_from_folder(root, image_encoder, text_encoder, **kwargs)
+        images, texts = folder_items(root, text_encoder is not None, extensions)
+        return cls(**encoded(images, texts, image_encoder=image_encoder,
+                             text_encoder=text_encoder))
 
     @classmethod
     def _from_banks(cls, image, text, check=False, next_id=None):
@@ -225,10 +225,6 @@ class Memory:
             f"Memory(n_images={len(self.image)}, n_texts={len(self.text)}, "
             f"n_features={self.n_features}, n_classes={len(self.classes)})"
         )
-
-    def _as_backend(self, index, modalities, unified):
-        """The classifiers' view of this memory (see :mod:`skmml.backends`)."""
-        return LocalBackend.build(self, index, modalities, unified)
 
     # -- immutability: copies are the same object ---------------------------------
 
@@ -343,7 +339,7 @@ class Memory:
             keep = np.flatnonzero(ranks < per_class)
             kept = bank.take(keep)
             metadata = kept.metadata.assign(herding_rank=ranks[keep].astype(np.int64))
-            banks.append(make_bank(kept.embeddings, kept.labels, kept.ids, metadata))
+            banks.append(MemoryBank(kept.embeddings, kept.labels, kept.ids, metadata))
         return Memory._from_banks(*banks, next_id=self.next_id)
 
     def expand(self, other, *, reassign_ids=False):
@@ -378,10 +374,10 @@ class Memory:
     def _renumbered(self, start):
         n_image = len(self.image)
         image, text = self.image, self.text
-        new_image = make_bank(
+        new_image = MemoryBank(
             image.embeddings, image.labels, np.arange(start, start + n_image), image.metadata
         )
-        new_text = make_bank(
+        new_text = MemoryBank(
             text.embeddings,
             text.labels,
             np.arange(start + n_image, start + n_image + len(text)),
@@ -579,7 +575,7 @@ def _load_checked(path, max_bytes):
                         f"{modality} embeddings are not of unit norm ({off.size} rows, e.g. "
                         f"row {off[0]} has norm {norms[off[0]]:.6g}); save() writes unit rows"
                     )
-            banks.append(make_bank(embeddings, labels, ids, metadata))
+            banks.append(MemoryBank(embeddings, labels, ids, metadata))
     return Memory._from_banks(*banks, check=True, next_id=next_id)
 
 
@@ -632,7 +628,7 @@ def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
     )
     metadata = _check_metadata(metadata, n, f"{modality} metadata")
     check_nonzero_rows(emb, name=f"{modality} embeddings")
-    return make_bank(l2_normalize(emb), labels, ids, metadata)
+    return MemoryBank(l2_normalize(emb), labels, ids, metadata)
 
 
 def _filled_or_empty(bank, dim, dtype):

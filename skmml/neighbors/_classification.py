@@ -9,13 +9,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 
-from ._state import State, publish, validate_aside, writer_lock
-from ._validation import check_n_neighbors
-from .backends import MemoryLike
-from .base import BaseMemoryClassifier
-from .memory import Memory
-from .pruning import PRUNING_MODES, item_weights, wrong_neighbor_counts
-from .voting import VOTING_SCHEMES, staged_winners, tally, vote_weights
+from .._state import State, publish, validate_aside, writer_lock
+from .._validation import check_n_neighbors
+from ..backends import MemoryLike
+from ..base import BaseMemoryClassifier
+from ..memory import Memory
+from ._pruning import PRUNING_MODES, item_weights, wrong_neighbor_counts
+from ._voting import VOTING_SCHEMES, staged_winners, tally, vote_weights
 
 
 class KNNVoteClassifier(BaseMemoryClassifier):
