@@ -438,12 +438,14 @@ def _set_search_params(clf, params):
     # on the fitted index through skmml's private NeighborIndex (what fit()
     # itself calls); set_params keeps the estimator's repr truthful.
     clf.set_params(index_params=params)
-    index = clf._state.backend.index
+    index = clf._state.backend.index()
     index.params = params
-    if index.scann_ is not None:
-        index.scann_.settings.update(params)
+    kind = index.kind_
+    kind.spec = kind.spec._replace(params=params)
+    if hasattr(kind, "searcher"):  # ScaNN
+        kind.searcher.settings.update(params)
     else:
-        index._set_search_params()
+        kind._set_search_params()
 
 
 def _recall(ids, exact_ids):

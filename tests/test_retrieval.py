@@ -43,7 +43,7 @@ def _exact(bank, queries, k):
 @pytest.mark.parametrize("n_queries", [1, 3, 40])  # few queries take the BLAS path
 def test_flat_search_is_exact_and_reads_the_bank_in_place(bank, queries, n_queries):
     index = NeighborIndex("flat", device="cpu").build(bank)
-    assert index.faiss_index_ is None and index.bank_.embeddings is bank.embeddings
+    assert not hasattr(index.kind_, "faiss_index") and index.bank_.embeddings is bank.embeddings
     sims, rows = index.search(queries[:n_queries], 7)
     exact_sims, exact_rows = _exact(bank, queries[:n_queries], 7)
     np.testing.assert_array_equal(rows, exact_rows)
@@ -133,7 +133,7 @@ def test_gpu_index_matches_cpu_and_survives_pickling(bank, queries, spec, tmp_pa
     params = {"nprobe": 8} if spec != "flat" else None
     cpu = NeighborIndex(spec, params=params, device="cpu").build(bank)
     gpu = NeighborIndex(spec, params=params, device="cuda").build(bank)
-    assert gpu.on_gpu_
+    assert gpu.kind_.on_gpu
     np.testing.assert_array_equal(cpu.search(queries, 5)[1], gpu.search(queries, 5)[1])
     joblib.dump(gpu, tmp_path / "gpu.joblib")
     loaded = joblib.load(tmp_path / "gpu.joblib")

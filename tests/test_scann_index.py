@@ -29,7 +29,7 @@ def test_ids_stay_right_through_many_additions_and_deletions():
     rng = np.random.default_rng(1)
     memory = _memory()
     index = NeighborIndex("scann", params=BRUTE).build(memory.image)
-    searcher = index.scann_
+    searcher = index.kind_.searcher
     queries = rng.normal(size=(30, 24)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     for step in range(12):
@@ -40,7 +40,7 @@ def test_ids_stay_right_through_many_additions_and_deletions():
         index = index.remove(memory.image, gone)
         memory = memory.add(rng.normal(size=(25, 24)), rng.integers(0, 4, 25))
         index = index.add(memory.image, 25)
-        assert index.scann_ is searcher  # changed in place, never rebuilt
+        assert index.kind_.searcher is searcher  # changed in place, never rebuilt
         assert np.array_equal(np.sort(searcher.ids), np.sort(memory.image.ids))
         found = memory.image.slot_ids[index.search(queries, 10)[1]]
         np.testing.assert_array_equal(found, _exact_ids(memory.image, queries, 10))
@@ -72,16 +72,16 @@ def test_a_superseded_version_answers_exactly_and_a_branch_rebuilds():
     v0 = NeighborIndex("scann").build(memory.image)
     grown = memory.add(np.ones((1, 24)), [1])
     v1 = v0.add(grown.image, 1)
-    assert v1.scann_ is v0.scann_
+    assert v1.kind_.searcher is v0.kind_.searcher
     # v0 no longer matches the shared searcher: it searches its own items exactly.
     np.testing.assert_array_equal(memory.image.slot_ids[v0.search(queries, 5)[1]],
                                   _exact_ids(memory.image, queries, 5))
     # A second change from v0 (a branch) cannot reuse the searcher: it rebuilds.
     other = memory.remove([0])
     branch = v0.remove(other.image, np.array([0]))
-    assert branch.scann_ is not v0.scann_
+    assert branch.kind_.searcher is not v0.kind_.searcher
     assert 0 not in other.image.slot_ids[branch.search(queries, 5)[1]]
-    assert v1.scann_.ids.size == 1501  # v1's searcher untouched by the branch
+    assert v1.kind_.searcher.ids.size == 1501  # v1's searcher untouched by the branch
 
 
 def test_pickle_and_joblib_round_trips_give_identical_predictions(tmp_path):

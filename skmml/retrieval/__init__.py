@@ -7,6 +7,7 @@ indexes, and ScaNN. Every kind returns its neighbors in one order:
 decreasing similarity, equal similarities to the lower id.
 """
 
-from ._index import INDEX_SHORTCUTS, NeighborIndex, faiss_has_gpu
+from ._faiss import INDEX_SHORTCUTS, faiss_has_gpu
+from ._index import NeighborIndex
 
 __all__ = ["INDEX_SHORTCUTS", "NeighborIndex", "faiss_has_gpu"]

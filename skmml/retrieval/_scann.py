@@ -28,6 +28,9 @@ import threading
 
 import numpy as np
 
+from ._exact import exact_search
+from ._kinds import IndexKind
+
 #: Build and search parameters of ``index="scann"`` (ScaNN builder names).
 PARAMS = ("num_leaves", "num_leaves_to_search", "training_sample_size",
           "dimensions_per_block", "anisotropic_quantization_threshold", "reorder",
@@ -185,3 +188,67 @@ class ScannSearcher:
             with tarfile.open(fileobj=io.BytesIO(state["files"]), mode="r") as tar:
                 tar.extractall(folder, filter="data")
             self.raw = sop.load_searcher(folder).searcher
+
+
+class ScannIndex(IndexKind):
+    """ScaNN over one version of a bank: changed in place while it is the newest.
+
+    Versions share one :class:`ScannSearcher`; additions upsert and removals
+    delete in place on the newest version, a branch from an older version
+    rebuilds, and a superseded version answers by exact search.
+    """
+
+    def __init__(self, spec, bank, searcher):
+        super().__init__(spec, bank)
+        self.searcher, self.version = searcher, searcher.version
+
+    @classmethod
+    def build(cls, spec, bank):
+        if spec.device == "cuda":
+            raise ValueError("index='scann' runs on the CPU only; use device='cpu' or "
+                             "'auto', or a FAISS index on the GPU.")
+        return cls(spec, bank, ScannSearcher(resolve_params(spec.params, len(bank))).build(bank))
+
+    def _changed(self, bank, change):
+        searcher = self.searcher
+        with searcher.lock:
+            if searcher.version == self.version:
+                change(searcher)
+                searcher.version += 1
+                return ScannIndex(self.spec, bank, searcher)
+        return ScannIndex.build(self.spec, bank)  # a branch from an older version
+
+    def added(self, bank, n_new):
+        new = slice(bank.n_slots - n_new, bank.n_slots)
+        return self._changed(bank, lambda searcher: searcher.upsert(
+            bank.slot_embeddings[new], bank.slot_ids[new]))
+
+    def removed(self, bank, ids):
+        return self._changed(bank, lambda searcher: searcher.delete(ids))
+
+    def raw_search(self, queries, k):
+        with self.searcher.lock:
+            current = self.searcher.version == self.version
+            if current:
+                sims, ids = self.searcher.search(queries, k)
+        if not current:  # superseded by a later change: exact over this version
+            return exact_search(queries, self.bank, k)
+        found = ids >= 0
+        slots = np.full(ids.shape, -1, dtype=np.int64)
+        slots[found] = self.bank.slots_of(ids[found])[0]
+        return sims, slots
+
+    def __getstate__(self):
+        with self.searcher.lock:
+            current = self.searcher.version == self.version
+            searcher = self.searcher.__getstate__() if current else None
+        return {"spec": self.spec, "bank": self.bank, "searcher": searcher}
+
+    def __setstate__(self, state):
+        if state["searcher"] is None:  # pickled while superseded: rebuild its items
+            searcher = ScannSearcher(resolve_params(state["spec"].params, len(state["bank"])))
+            searcher.build(state["bank"])
+        else:
+            searcher = ScannSearcher.__new__(ScannSearcher)
+            searcher.__setstate__(state["searcher"])
+        self.__init__(state["spec"], state["bank"], searcher)
