@@ -7,7 +7,7 @@ Run from the repository root::
     python benchmarks/bench_knn.py --quick          # smoke test, about a minute
 
 What is measured, for memories of N items of d = 512 dimensions in 1000
-classes, k = 32 neighbours, rank voting:
+classes, k = 32 neighbors, rank voting:
 
 1. Machine figures: the CPU and its reduced-precision instruction sets;
    sgemm GFLOP/s (best float32 4096x512 @ 512x4096 product); torch GEMM
@@ -29,7 +29,7 @@ classes, k = 32 neighbours, rank voting:
    Above 200,000 items scikit-learn gets a batch of 512 queries and 3 single
    queries, and a certified format the CPU only emulates (its GEMM slower
    than float32) a batch of 256; the table says so. For each skmml variant,
-   the number of neighbour rows and predictions (batched, and 20 single
+   the number of neighbor rows and predictions (batched, and 20 single
    queries) that differ from float32 search, which must be 0; and each
    method's fraction of its bound.
 3. Peak memory of each method (fit, a batched and a single prediction), each
@@ -41,7 +41,7 @@ classes, k = 32 neighbours, rank voting:
    "IVF{nlist},PQ{d/4}x4fs" (fast-scan PQ, d/8 bytes a vector), ScaNN over
    a ``num_leaves_to_search`` sweep and (up to 100,000 items, where its
    build is quick) "HNSW32" over an efSearch sweep, with fit (train + add)
-   times and recall of the exact k nearest neighbours; then the fastest
+   times and recall of the exact k nearest neighbors; then the fastest
    setting of each index type within one accuracy point of exact search.
    The same on real embeddings:
    Fashion-MNIST EfficientNet-Lite0 features (``mml_data.py``; 16,000 in
@@ -81,7 +81,7 @@ SEED = 0
 # coarse category. Each superclass has a random unit centre and a random
 # 32-dimensional subspace; its classes have means in that subspace, and an
 # item is normalise(superclass centre + basis @ (class mean + latent noise) +
-# isotropic noise). Neighbours are thus local in a low-dimensional space, as
+# isotropic noise). Neighbors are thus local in a low-dimensional space, as
 # with real embeddings, and classes of a superclass overlap. Tuned so that
 # exact kNN (k=32, rank voting) is neither near 100% nor near chance: 64%
 # at 20k items, 72% at 100k, 73% at 300k (1000 queries).
@@ -117,7 +117,7 @@ EMULATED_BATCH = 256
 TARGETS = {  # what is checked, how, and the goal
     "batched": ("batched predict (default) / raw FAISS search rate", ">=", 2.0),
     "single_gain": ("single-query rate (default) / float32 skmml", ">=", 1.5),
-    "identical": ("neighbour rows + predictions differing from float32", "<=", 0),
+    "identical": ("neighbor rows + predictions differing from float32", "<=", 0),
     "overhead": ("float32 batched predict / raw FAISS search time", "<=", 1.2),
     "single": ("single-query rate (default) / streaming bound", ">=", 0.5),
     "memory": ("peak RSS rise / raw embedding bytes", "<=", 1.5),
@@ -349,7 +349,7 @@ def bench_memory(method, cache_dir, n, n_queries):
 
 def bench_speed(methods, cache_dir, n, n_queries, n_single, repeats, machine=None):
     """Batched and single-query rates and accuracy, methods interleaved; for skmml's
-    variants, how many neighbour rows and predictions differ from float32 search."""
+    variants, how many neighbor rows and predictions differ from float32 search."""
     from skmml.retrieval import _screening as screening
 
     X, y, Q, qy = load_data(cache_dir, n, n_queries)
@@ -449,7 +449,7 @@ def _set_search_params(clf, params):
 
 
 def _recall(ids, exact_ids):
-    """Fraction of the exact k nearest neighbours that were found."""
+    """Fraction of the exact k nearest neighbors that were found."""
     return np.mean((ids[:, :, None] == exact_ids[:, None, :]).any(axis=2))
 
 
@@ -618,7 +618,7 @@ def bench_size(args, n, machine, n_queries, n_single, repeats):
     print(f"\nbatched predict rate (default) / raw FAISS search rate: {batched:.3f}")
     print(f"single-query rate (default) / float32 skmml: {single_gain:.3f}")
     print(f"float32 batched predict time / raw FAISS search time: {overhead:.3f}")
-    print(f"neighbour rows and predictions differing from float32 search: {differ}")
+    print(f"neighbor rows and predictions differing from float32 search: {differ}")
     print(
         f"single-query rate / float32 streaming bound: {single_ratio:.3f} "
         f"(raw FAISS: {raw['single q/s'] / stream_bound:.3f})"

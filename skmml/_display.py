@@ -12,7 +12,7 @@ class ExplanationDisplay:
 
     Built from a classifier (:meth:`from_estimator`) or from the DataFrame of
     its ``explain`` (:meth:`from_explanation`), as scikit-learn's displays
-    are. With images, :meth:`plot` draws the query and then its neighbours in
+    are. With images, :meth:`plot` draws the query and then its neighbors in
     rank order, each titled with its label, cosine similarity and weight
     (the vote of :class:`~skmml.KNNVoteClassifier`, or the attention of
     :class:`~skmml.MemoryModularClassifier`, one row of panels per modality;

@@ -138,7 +138,7 @@ def check_ids(ids, n, *, name="ids"):
     if n and ids.min() < 0:
         raise ValueError(
             f"{name} contains negative values (e.g. {int(ids.min())}): ids are >= 0, and "
-            "-1 marks a missing neighbour in search results."
+            "-1 marks a missing neighbor in search results."
         )
     if np.unique(ids).shape[0] != n:
         raise ValueError(f"{name} contains duplicates.")

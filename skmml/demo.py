@@ -115,18 +115,18 @@ def main(out=".", n_memory=40, n_queries=20):
         gone = int(table["id"].iloc[0])
         knn.forget([gone])
         print(f"  forgot item {gone} ({Path(table['source'].iloc[0]).name}), the nearest "
-              f"neighbour of query 0: it is no longer among the ids that vote: "
+              f"neighbor of query 0: it is no longer among the ids that vote: "
               f"{gone not in knn.explain(X[:1])['id'].tolist()}")
         knn.prune("soft")
         report = knn.pruning_report()
         print(f"  soft pruning: {int((report['wrong_count'] > 0).sum())} items mislead some "
-              f"neighbours and vote less; accuracy {knn.score(X, y):.3f}")
+              f"neighbors and vote less; accuracy {knn.score(X, y):.3f}")
 
         _heading("5. One decision explained")
         query = int(np.flatnonzero(y == "eight")[0])
         predicted = knn.predict(X[query:query + 1])[0]
         print(f"  query {Path(query_files[query]).name} (an {y[query]}) is predicted "
-              f"{predicted!s}; its neighbours (votes weighted by rank and by soft pruning):")
+              f"{predicted!s}; its neighbors (votes weighted by rank and by soft pruning):")
         explanation = knn.explain(X[query:query + 1])
         print(explanation[["rank", "label", "similarity", "weight"]].head(5).to_string(
             index=False))

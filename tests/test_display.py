@@ -20,7 +20,7 @@ def _titles(display):
     return [ax.get_title() for ax in display.axes_]
 
 
-def test_images_by_id_show_the_query_then_the_neighbours_in_rank_order(digits):
+def test_images_by_id_show_the_query_then_the_neighbors_in_rank_order(digits):
     X, y, images = digits
     clf = KNNVoteClassifier(n_neighbors=6).fit(X[:1000], y[:1000])
     display = ExplanationDisplay.from_estimator(clf, X[1000:1003], query=2, images=images,
@@ -31,7 +31,7 @@ def test_images_by_id_show_the_query_then_the_neighbours_in_rank_order(digits):
     for title, row in zip(titles[1:], table.to_dict("records")):
         assert title == (f"#{row['rank']} label {row['label']}\ncos {row['similarity']:.2f}\n"
                          f"weight {row['weight']:.2f}")
-    # Each panel shows the image of the neighbour with that id.
+    # Each panel shows the image of the neighbor with that id.
     for panel, item in zip(display.axes_[1:], table["id"]):
         np.testing.assert_array_equal(panel.get_images()[0].get_array(), images[item])
     assert display.figure_._suptitle.get_text() == "why"

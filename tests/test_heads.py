@@ -26,9 +26,9 @@ def test_forward_matches_the_reference_formula():
     head = IntegrationHead(6)
     query = torch.randn(3, 6)
     memory = torch.randn(10, 6)
-    neighbours = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]])
+    neighbors = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]])
     keys, values = head.project_memory(memory)
-    out, attention = head(query, keys, values, neighbours, return_attention=True)
+    out, attention = head(query, keys, values, neighbors, return_attention=True)
     mha = torch.nn.MultiheadAttention(6, 1, batch_first=True)
     with torch.no_grad():
         mha.in_proj_weight.copy_(torch.cat([head.q_proj.weight, head.k_proj.weight,
@@ -37,7 +37,7 @@ def test_forward_matches_the_reference_formula():
         mha.out_proj.weight.copy_(head.out_proj.weight)
         mha.out_proj.bias.copy_(head.out_proj.bias)
     f = query[:, None]
-    knn = memory[neighbours]
+    knn = memory[neighbors]
     attended, ref_attention = mha(head.ln_q(f), head.ln_k(knn), head.ln_v(knn))
     x = f + attended
     x = x + head.mlp(head.ln_2(x))
@@ -72,17 +72,17 @@ def test_one_adam_step_departs_smoothly_from_the_identity():
     d = 512
     unit = lambda n: torch.nn.functional.normalize(torch.randn(n, d), dim=1)  # noqa: E731
     query, memory, target = unit(64), unit(300), unit(64)
-    neighbours = torch.randint(0, 300, (64, 16))
+    neighbors = torch.randint(0, 300, (64, 16))
     head = IntegrationHead(d, residual_init="zero")
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
     keys, values = head.project_memory(memory)
-    loss = -(torch.nn.functional.normalize(head(query, keys, values, neighbours), dim=1)
+    loss = -(torch.nn.functional.normalize(head(query, keys, values, neighbors), dim=1)
              * target).sum()
     loss.backward()
     optimizer.step()
     with torch.no_grad():
         keys, values = head.project_memory(memory)
-        out = head(query, keys, values, neighbours)
+        out = head(query, keys, values, neighbors)
     change = ((out - 2 * query).norm(dim=1) / (2 * query).norm(dim=1)).median()
     assert 0 < change < 0.05
 
@@ -91,12 +91,12 @@ def test_inference_without_gathers_matches_training_computation():
     torch.manual_seed(0)
     head = IntegrationHead(12)
     query, memory = torch.randn(9, 12), torch.randn(30, 12)
-    neighbours = torch.randint(0, 30, (9, 5))
+    neighbors = torch.randint(0, 30, (9, 5))
     valid = torch.rand(9, 5) > 0.2
     keys, values = head.project_memory(memory)
-    out, attention = head(query, keys, values, neighbours, valid, return_attention=True)
+    out, attention = head(query, keys, values, neighbors, valid, return_attention=True)
     with torch.no_grad():
-        fast, fast_attention = head(query, keys, values, neighbours, valid,
+        fast, fast_attention = head(query, keys, values, neighbors, valid,
                                     return_attention=True)
     torch.testing.assert_close(fast, out.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_attention, attention.detach(), rtol=1e-5, atol=1e-6)

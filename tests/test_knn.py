@@ -122,7 +122,7 @@ def test_predict_proba_columns_follow_classes(digits):
     np.testing.assert_array_equal(clf.classes_[proba.argmax(axis=1)], clf.predict(X_test))
 
 
-def test_zero_weights_fall_back_to_the_nearest_neighbour():
+def test_zero_weights_fall_back_to_the_nearest_neighbor():
     X = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     clf = KNNVoteClassifier(n_neighbors=3, voting=lambda s, r: np.zeros_like(s))
     clf.fit(X, [0, 1, 1])
@@ -193,7 +193,7 @@ def test_forget_is_exact_unlearning(digits, pruning):
     np.testing.assert_array_equal(clf.predict(X_test), scratch.predict(X_test))
     np.testing.assert_array_equal(clf.predict_proba(X_test), scratch.predict_proba(X_test))
     np.testing.assert_array_equal(clf.memory_.image.ids, remaining)
-    # Neighbour ids stay those of the original rows.
+    # Neighbor ids stay those of the original rows.
     np.testing.assert_array_equal(clf.kneighbors(X_test)[1],
                                   remaining[scratch.kneighbors(X_test)[1]])
 
@@ -278,7 +278,7 @@ def test_pruning_finds_mislabelled_items_and_is_reversible(digits):
 
 def test_excluded_items_do_not_consume_a_rank():
     # Items on a circle; item 2 (class B) sits among class A items and is the
-    # nearest neighbour of items 1 and 3: two wrong-neighbour counts.
+    # nearest neighbor of items 1 and 3: two wrong-neighbor counts.
     angles = np.array([0.2, 0.21, 0.214, 0.22, 0.23])
     X = np.c_[np.cos(angles), np.sin(angles)]
     clf = KNNVoteClassifier(n_neighbors=3).fit(X, ["A", "A", "B", "A", "A"])
@@ -292,7 +292,7 @@ def test_excluded_items_do_not_consume_a_rank():
     assert clf.predict(X[2:3])[0] == "A"
 
 
-def test_all_excluded_neighbours_vote_unpruned():
+def test_all_excluded_neighbors_vote_unpruned():
     angles = np.array([0.1, 0.2, 1.5, 1.6, 1.7])
     X = np.c_[np.cos(angles), np.sin(angles)]
     clf = KNNVoteClassifier(n_neighbors=1).fit(X, ["B", "C", "A", "A", "A"])
@@ -335,7 +335,7 @@ def test_pruning_argument_errors(digits):
 # -- explanations -------------------------------------------------------------------
 
 
-def test_explain_lists_neighbours_with_their_metadata(digits):
+def test_explain_lists_neighbors_with_their_metadata(digits):
     X, y, X_test, _ = digits
     meta = pd.DataFrame({"source": [f"digits row {i}" for i in range(len(X))]})
     clf = KNNVoteClassifier(n_neighbors=3).set_memory(Memory(X, y, image_metadata=meta))

@@ -67,7 +67,7 @@ def test_normalisation_is_exact_for_any_finite_nonzero_row(scale):
 
 
 def test_negative_ids_are_an_error():
-    with pytest.raises(ValueError, match="negative values .*-1 marks a missing neighbour"):
+    with pytest.raises(ValueError, match="negative values .*-1 marks a missing neighbor"):
         Memory(np.eye(3), [0, 1, 2], image_ids=[0, -1, 2])
 
 
@@ -371,7 +371,7 @@ def test_the_bomb_is_refused_before_decompression_and_max_bytes_can_allow_it(tmp
 
 
 def test_interrupted_or_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    import skmml.memory._memory as memory_module
+    import skmml.memory._io as memory_module
 
     path = tmp_path / "memory.npz"
     old = Memory(np.eye(3), [0, 1, 2])

@@ -114,9 +114,9 @@ def test_both_modalities_round_trip_through_to_memory(lite):
         np.testing.assert_allclose(a.embeddings, b.embeddings[order], atol=1e-7)
         pd.testing.assert_frame_equal(a.metadata, b.metadata.iloc[order].reset_index(drop=True))
     assert mm.counts().loc[:, "text"].sum() == 8 and mm.n_items("image") == 50
-    text_neighbours = mm.search(T[:2] / np.linalg.norm(T[:2], axis=1, keepdims=True), 1,
+    text_neighbors = mm.search(T[:2] / np.linalg.norm(T[:2], axis=1, keepdims=True), 1,
                                 modality="text")[1]
-    np.testing.assert_array_equal(text_neighbours[:, 0], memory.text.ids[:2])
+    np.testing.assert_array_equal(text_neighbors[:, 0], memory.text.ids[:2])
 
 
 def test_string_labels_and_the_memory_parameter(lite):

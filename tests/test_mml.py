@@ -84,9 +84,9 @@ def test_training_queries_never_retrieve_themselves(monkeypatch, digits):
     monkeypatch.setattr(mml, "_QuerySet", Recording)
     MemoryModularClassifier(n_neighbors=8, max_epochs=1, random_state=0).fit(X[:300], y[:300])
     assert seen
-    for neighbour_ids, query_ids in seen:
-        assert neighbour_ids.shape[1] == 8
-        assert not np.any(neighbour_ids == query_ids[:, None])
+    for neighbor_ids, query_ids in seen:
+        assert neighbor_ids.shape[1] == 8
+        assert not np.any(neighbor_ids == query_ids[:, None])
 
 
 def test_set_memory_changes_classes_and_predictions_but_not_weights(digits):
@@ -291,7 +291,7 @@ def test_episodic_training_in_the_supervised_setting_never_retrieves_itself(monk
     assert checked and all(shape[1] == 4 for shape in checked)
 
 
-def test_missing_neighbours_of_an_approximate_index_get_no_attention():
+def test_missing_neighbors_of_an_approximate_index_get_no_attention():
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(2000, 16)).astype(np.float32), rng.integers(0, 5, 2000)
     clf = MemoryModularClassifier(max_epochs=1, index="IVF64,Flat", index_params={"nprobe": 1},

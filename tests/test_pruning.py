@@ -8,15 +8,15 @@ from skmml.retrieval import NeighborIndex
 
 
 def _line_backend(xs, labels):
-    """Items on a half circle: angle order is neighbour order."""
+    """Items on a half circle: angle order is neighbor order."""
     angles = np.asarray(xs, dtype=np.float64)
     memory = Memory(np.c_[np.cos(angles), np.sin(angles)], labels)
     return LocalBackend.build(memory, NeighborIndex("flat", device="cpu"))
 
 
 def _leave_one_out_ids(backend, k):
-    (_, _, neighbours), = backend.leave_one_out(k)
-    return neighbours.ids
+    (_, _, neighbors), = backend.leave_one_out(k)
+    return neighbors.ids
 
 
 def test_leave_one_out_drops_the_item_itself():
@@ -32,8 +32,8 @@ def test_leave_one_out_with_duplicates_drops_exactly_one_column():
         assert set(row) <= {0, 1, 2}
 
 
-def test_wrong_neighbour_counts_by_hand():
-    # Items at angles 0, .1 (class 0) and .3, .7 (class 1). One neighbour each:
+def test_wrong_neighbor_counts_by_hand():
+    # Items at angles 0, .1 (class 0) and .3, .7 (class 1). One neighbor each:
     # 0 -> .1, .1 -> 0, .3 -> .1 (wrong: charge item 1), .7 -> .3.
     backend = _line_backend([0.0, 0.1, 0.3, 0.7], [0, 0, 1, 1])
     np.testing.assert_array_equal(wrong_neighbor_counts(backend, 1)[np.arange(4)], [0, 1, 0, 0])

@@ -50,7 +50,7 @@ def test_tally_sums_weights_per_class():
 
 
 def test_tie_goes_to_the_class_that_reached_the_maximum_first():
-    # Plurality: A B B A -> after four neighbours A=2, B=2; B reached 2 first.
+    # Plurality: A B B A -> after four neighbors A=2, B=2; B reached 2 first.
     codes = np.array([[0, 1, 1, 0]])
     winners = staged_winners(codes, np.ones((1, 4)), np.ones((1, 4), bool))
     np.testing.assert_array_equal(codes[0, winners[0]], [0, 0, 1, 1])
@@ -61,7 +61,7 @@ def test_tie_goes_to_the_class_that_reached_the_maximum_first():
     assert codes[0, winners[0, -1]] == 0
 
 
-def test_non_contributing_neighbours_never_win():
+def test_non_contributing_neighbors_never_win():
     codes = np.array([[3, 1, 1]])
     contributes = np.array([[False, True, True]])
     winners = staged_winners(codes, np.array([[0.0, 1.0, 1.0]]), contributes)
@@ -122,10 +122,10 @@ def test_staged_winners_work_memory_is_linear_in_k():
         assert codes[0, winners[0, j]] == _reference_winner(codes[0, : j + 1], w[0, : j + 1])
 
 
-def test_votes_are_summed_in_neighbour_order_on_both_paths(monkeypatch):
+def test_votes_are_summed_in_neighbor_order_on_both_paths(monkeypatch):
     import skmml.neighbors._voting as voting_module
 
-    # 0.3 vs 0.05 + 0.2 + 0.05: equal in neighbour order (a tie the first
+    # 0.3 vs 0.05 + 0.2 + 0.05: equal in neighbor order (a tie the first
     # class wins), 0.30000000000000004 in another order.
     codes = np.array([[1, 0, 0, 0]])
     w = np.array([[0.3, 0.05, 0.2, 0.05]])

@@ -3,8 +3,7 @@
 import faiss
 import numpy as np
 
-from ..memory._bank import concat_banks
-from ..memory._memory import MODALITIES
+from ..memory._bank import MODALITIES, concat_banks
 from ..retrieval._exact import drop_self
 from ..retrieval._index import NeighborIndex
 from ._base import KeyCounts, MemoryBackend, Neighbors

@@ -9,10 +9,10 @@
   (:func:`herding_order`).
 """
 
-from ._bank import MemoryBank
+from ._bank import MODALITIES, MemoryBank
 from ._builders import IMAGE_EXTENSIONS, build_memory, memory_from_folder
 from ._herding import herding_order
-from ._memory import MODALITIES, Memory
+from ._memory import Memory
 from ._text import IMAGENET_TEMPLATES, fill_templates, split_document
 
 __all__ = ["IMAGENET_TEMPLATES", "IMAGE_EXTENSIONS", "MODALITIES", "Memory", "MemoryBank",

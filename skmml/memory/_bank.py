@@ -29,6 +29,8 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+#: The modalities of a memory, one bank each.
+MODALITIES = ("image", "text")
 #: A version is compacted when more than 1/_COMPACT_AT of its slots are dead.
 _COMPACT_AT = 16
 #: Growth of a store that runs out of capacity: an eighth, at least this many rows.

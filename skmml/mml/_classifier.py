@@ -127,13 +127,13 @@ class MemoryModularClassifier(BaseMemoryClassifier):
 
     A query image embedding retrieves its ``k`` nearest items from the image
     memory and from the text memory; per branch, a small cross-attention head
-    integrates the query with its neighbours, and the result is compared with
+    integrates the query with its neighbors, and the result is compared with
     class prototypes built from the memory::
 
         z_c = s * (cos(out_img, p_img_c) + cos(out_txt, p_txt_c))
 
     Only the heads train; the encoder that made the embeddings stays frozen.
-    Because the prototypes and the neighbours come from the memory, replacing
+    Because the prototypes and the neighbors come from the memory, replacing
     the memory (:meth:`set_memory`) classifies classes never seen in training,
     with no retraining.
 
@@ -956,7 +956,7 @@ class _QuerySet:
     """Queries, their class codes, and their neighbors in a memory view.
 
     Retrieval is frozen (the embeddings do not change), so each query set
-    searches its memory once and every training epoch reuses the neighbours.
+    searches its memory once and every training epoch reuses the neighbors.
     """
 
     def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):

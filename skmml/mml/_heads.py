@@ -9,7 +9,7 @@ query, key and value)::
 
 where ``f`` is the query embedding and ``m`` its retrieved memory items.
 
-Keys and values are projected per *memory item*, not per (query, neighbour)
+Keys and values are projected per *memory item*, not per (query, neighbor)
 pair: :meth:`IntegrationHead.project_memory` maps the distinct items a batch
 touches once, and :meth:`IntegrationHead.forward` gathers the projections by
 index. At inference the projections of the whole memory are computed once and
@@ -24,20 +24,20 @@ import torch
 from torch import nn
 
 
-def _neighbour_pattern(neighbours, weights, n_items):
-    """A sparse CSR (batch, n_items) matrix with `weights` at each query's neighbours.
+def _neighbor_pattern(neighbors, weights, n_items):
+    """A sparse CSR (batch, n_items) matrix with `weights` at each query's neighbors.
 
     Inference on a CPU reads the memory through it instead of gathering a
-    (batch, k, d) copy of the neighbours' keys and values: the attention
+    (batch, k, d) copy of the neighbors' keys and values: the attention
     scores are a sampled product (SDDMM) and the attended values a sparse
     product, about 20x less time than the gathers.
     """
-    batch, k = neighbours.shape
-    neighbours = neighbours.clamp(min=0)  # a missing neighbour (-1) is masked by `weights`
-    crow = torch.arange(0, batch * k + 1, k, device=neighbours.device)
+    batch, k = neighbors.shape
+    neighbors = neighbors.clamp(min=0)  # a missing neighbor (-1) is masked by `weights`
+    crow = torch.arange(0, batch * k + 1, k, device=neighbors.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, neighbours.reshape(-1), weights.reshape(-1),
+        return torch.sparse_csr_tensor(crow, neighbors.reshape(-1), weights.reshape(-1),
                                        size=(batch, n_items), check_invariants=False)
 
 
@@ -120,18 +120,18 @@ class IntegrationHead(nn.Module):
         """Keys and values of memory items (n_items, d): two (n_items, d) tensors."""
         return self.k_proj(self.ln_k(items)), self.v_proj(self.ln_v(items))
 
-    def forward(self, query, keys, values, neighbours, valid=None, return_attention=False):
-        """Integrate each query with its neighbours.
+    def forward(self, query, keys, values, neighbors, valid=None, return_attention=False):
+        """Integrate each query with its neighbors.
 
         Parameters
         ----------
         query : Tensor of shape (batch, d)
         keys, values : Tensors of shape (n_items, d)
             Projected memory items, from :meth:`project_memory`.
-        neighbours : LongTensor of shape (batch, k)
+        neighbors : LongTensor of shape (batch, k)
             Rows of `keys` / `values` retrieved for each query.
         valid : BoolTensor of shape (batch, k), default=None
-            False where a neighbour is missing (an approximate index found
+            False where a neighbor is missing (an approximate index found
             fewer than k items): it gets no attention.
         return_attention : bool, default=False
             Also return the attention weights, shape (batch, k).
@@ -147,20 +147,20 @@ class IntegrationHead(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             q = q.to(keys.dtype)
             if gather:
-                scores = torch.bmm(keys[neighbours], q[:, :, None])[:, :, 0]
+                scores = torch.bmm(keys[neighbors], q[:, :, None])[:, :, 0]
             else:
-                pattern = _neighbour_pattern(
-                    neighbours, torch.zeros_like(neighbours, dtype=q.dtype), len(keys))
+                pattern = _neighbor_pattern(
+                    neighbors, torch.zeros_like(neighbors, dtype=q.dtype), len(keys))
                 scores = torch.sparse.sampled_addmm(pattern, q, keys.T, beta=0.0).values()
-                scores = scores.view(neighbours.shape)
+                scores = scores.view(neighbors.shape)
             scores = scores / math.sqrt(self.dim)
             if valid is not None:
                 scores = scores.masked_fill(~valid, -torch.inf)
             attention = scores.softmax(dim=1).nan_to_num(0.0)
             if gather:
-                attended = torch.bmm(attention[:, None, :], values[neighbours])[:, 0]
+                attended = torch.bmm(attention[:, None, :], values[neighbors])[:, 0]
             else:
-                attended = _neighbour_pattern(neighbours, attention, len(values)) @ values
+                attended = _neighbor_pattern(neighbors, attention, len(values)) @ values
         x = query + self._gated(self.gate_attention, self.out_proj(attended))
         x = x + self._gated(self.gate_mlp, self.mlp(self.ln_2(x)))
         out = x + query

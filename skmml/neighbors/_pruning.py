@@ -1,8 +1,8 @@
-"""Memory pruning: find the items that mislead their neighbours.
+"""Memory pruning: find the items that mislead their neighbors.
 
 As in the visual-memory reference code, every memory item queries the memory
-(leave-one-out: it never counts as its own neighbour) and each neighbour whose
-label differs from the query's is charged one *wrong-neighbour* count.
+(leave-one-out: it never counts as its own neighbor) and each neighbor whose
+label differs from the query's is charged one *wrong-neighbor* count.
 
 - Hard pruning excludes items with ``count >= threshold`` from voting.
 - Soft pruning multiplies each item's vote by ``1.75 / (1 + count)``.
@@ -17,7 +17,7 @@ SOFT_PRUNING_SCALE = 1.75
 
 
 def wrong_neighbor_counts(backend, n_neighbors, verbose=False):
-    """How often each memory item is a neighbour of an item of another class.
+    """How often each memory item is a neighbor of an item of another class.
 
     Parameters
     ----------
@@ -25,7 +25,7 @@ def wrong_neighbor_counts(backend, n_neighbors, verbose=False):
         The memory (see :mod:`skmml.backends`); its items query it
         leave-one-out, in batches.
     n_neighbors : int
-        Neighbours per leave-one-out query.
+        Neighbors per leave-one-out query.
     verbose : bool, default=False
         Show a progress bar over the memory-vs-memory search.
 
@@ -35,9 +35,9 @@ def wrong_neighbor_counts(backend, n_neighbors, verbose=False):
         Counts by backend key; items not listed count 0.
     """
     parts = []
-    for _, query_labels, neighbours in backend.leave_one_out(n_neighbors, verbose):
-        wrong = (neighbours.keys >= 0) & (neighbours.labels != query_labels[:, None])
-        parts.append(np.unique(neighbours.keys[wrong], return_counts=True))
+    for _, query_labels, neighbors in backend.leave_one_out(n_neighbors, verbose):
+        wrong = (neighbors.keys >= 0) & (neighbors.labels != query_labels[:, None])
+        parts.append(np.unique(neighbors.keys[wrong], return_counts=True))
     return KeyCounts.merged(parts)
 
 

@@ -1,11 +1,11 @@
-"""Neighbour vote weights and their aggregation into class decisions.
+"""Neighbor vote weights and their aggregation into class decisions.
 
 The weights follow the aggregators of the visual-memory reference code
-(Geirhos et al., 2024), with 0-based neighbour rank ``i`` and cosine
+(Geirhos et al., 2024), with 0-based neighbor rank ``i`` and cosine
 distance ``d = 1 - s`` for cosine similarity ``s``:
 
 ======================  ===========================================
-voting                  weight of a neighbour
+voting                  weight of a neighbor
 ======================  ===========================================
 ``"plurality"``         ``1``
 ``"distance"``          ``exp(-d) ** distance_exponent``
@@ -14,8 +14,8 @@ voting                  weight of a neighbour
 ======================  ===========================================
 
 Ties between classes go to the class whose weighted vote reached the
-maximum first, scanning neighbours from the nearest: that is, the class whose
-last contributing neighbour is nearest.
+maximum first, scanning neighbors from the nearest: that is, the class whose
+last contributing neighbor is nearest.
 """
 
 import numpy as np
@@ -24,21 +24,21 @@ VOTING_SCHEMES = ("rank", "softmax", "distance", "plurality")
 
 # Queries per block in staged_winners: bounds its (block, k, k) work arrays.
 _CHUNK_ELEMENTS = 2**22
-#: Above this many neighbours, staged_winners sums votes position by position
+#: Above this many neighbors, staged_winners sums votes position by position
 #: (O(k) memory per query) instead of through a (k, k) same-class mask.
 _PAIRWISE_MAX_K = 128
 
 
 def vote_weights(similarities, ranks, voting, *, rank_offset=2.0, temperature=0.07,
                  distance_exponent=1.0):
-    """Return the float64 vote weight of each neighbour.
+    """Return the float64 vote weight of each neighbor.
 
     Parameters
     ----------
     similarities : ndarray of shape (n_queries, k)
-        Cosine similarity of each neighbour to its query.
+        Cosine similarity of each neighbor to its query.
     ranks : ndarray of shape (n_queries, k)
-        0-based rank of each neighbour among those that vote.
+        0-based rank of each neighbor among those that vote.
     voting : {"rank", "softmax", "distance", "plurality"} or callable
         A callable gets ``(similarities, ranks)`` and returns non-negative
         weights of the same shape.
@@ -88,24 +88,24 @@ def tally(codes, weights, n_classes):
 
 
 def staged_winners(codes, weights, contributes):
-    """Winning neighbour position for every prefix of the neighbour list.
+    """Winning neighbor position for every prefix of the neighbor list.
 
     Parameters
     ----------
     codes : ndarray of shape (n_queries, k)
-        Class index of each neighbour.
+        Class index of each neighbor.
     weights : ndarray of shape (n_queries, k)
-        Non-negative vote weight of each neighbour.
+        Non-negative vote weight of each neighbor.
     contributes : ndarray of bool of shape (n_queries, k)
-        Whether the neighbour votes at all (False for excluded or missing ones).
+        Whether the neighbor votes at all (False for excluded or missing ones).
 
     Returns
     -------
     winner : ndarray of shape (n_queries, k), int
         ``winner[q, j]`` is the position, among the first ``j + 1``
-        neighbours of query ``q``, of the neighbour whose vote brought its
+        neighbors of query ``q``, of the neighbor whose vote brought its
         class to the maximum first; its class wins that prefix. It is -1 when
-        no neighbour in the prefix contributes.
+        no neighbor in the prefix contributes.
     """
     n, k = codes.shape
     if k > _PAIRWISE_MAX_K:
@@ -118,8 +118,8 @@ def staged_winners(codes, weights, contributes):
             staged_winners(codes[i:i + chunk], weights[i:i + chunk], contributes[i:i + chunk])
             for i in range(0, n, chunk)
         ])
-    # cumulative[q, j]: vote of neighbour j's class over neighbours 0..j, each
-    # class's votes summed in neighbour order (so equal votes compare equal).
+    # cumulative[q, j]: vote of neighbor j's class over neighbors 0..j, each
+    # class's votes summed in neighbor order (so equal votes compare equal).
     if k > _PAIRWISE_MAX_K:
         # O(k + n_classes) work memory per query: one pass over the positions.
         votes = np.zeros((n, int(codes.max(initial=0)) + 1))
@@ -129,8 +129,8 @@ def staged_winners(codes, weights, contributes):
             votes[rows, codes[:, j]] += weights[:, j]
             cumulative[:, j] = votes[rows, codes[:, j]]
     else:
-        # Row j holds neighbour j's class's weights at positions 0..j (zeros
-        # elsewhere); a running sum adds them in neighbour order, as the loop
+        # Row j holds neighbor j's class's weights at positions 0..j (zeros
+        # elsewhere); a running sum adds them in neighbor order, as the loop
         # above does, so both paths give bit-identical votes.
         same = codes[:, :, None] == codes[:, None, :]
         same &= np.tril(np.ones((k, k), dtype=bool))

@@ -18,9 +18,9 @@ from ..memory._bank import is_in
 SMALL_BATCH = 20
 
 def drop_self(sims, rows, is_self):
-    """Drop one column per query: the neighbour that is the query itself.
+    """Drop one column per query: the neighbor that is the query itself.
 
-    `is_self` marks, per (query, neighbour), whether the neighbour is the
+    `is_self` marks, per (query, neighbor), whether the neighbor is the
     query. As :meth:`sklearn.neighbors.KNeighborsMixin.kneighbors` does with
     ``X=None``, only the first match goes, and where duplicates pushed the
     query out of its own list the last column goes.
@@ -48,10 +48,10 @@ def score_error(dim):
     return 1.01 * (dim + 1) * 2.0**-24
 
 
-def canonical_neighbours(queries, bank, sims, rows, k, exact):
+def canonical_neighbors(queries, bank, sims, rows, k, exact):
     """The `k` nearest of each query in the project's one order, whatever the search path.
 
-    Neighbours come in decreasing similarity, and equal similarities go to
+    Neighbors come in decreasing similarity, and equal similarities go to
     the lower memory id. Search paths (BLAS for a few queries, FAISS for
     many, one thread or several) compute similarities that differ in their
     last bits, so they may order near-equal items differently. Here, a query
@@ -84,13 +84,13 @@ def canonical_neighbours(queries, bank, sims, rows, k, exact):
     if rows.shape[1] < 2:
         return out_sims, out_rows
     found = rows >= 0
-    with np.errstate(invalid="ignore"):  # -inf - -inf between missing neighbours
+    with np.errstate(invalid="ignore"):  # -inf - -inf between missing neighbors
         close = (sims[:, :-1] - sims[:, 1:] <= 4 * eps) & found[:, 1:]
     todo = np.flatnonzero(close.any(axis=1))
     if not todo.size:
         return out_sims, out_rows
     # Re-score only the candidates in a near-tie; the others are more than
-    # 4 eps from both neighbours, so no path's rounding can move them.
+    # 4 eps from both neighbors, so no path's rounding can move them.
     involved = np.zeros((todo.size, rows.shape[1]), dtype=bool)
     involved[:, :-1] |= close[todo]
     involved[:, 1:] |= close[todo]
@@ -162,7 +162,7 @@ def exact_search(queries, bank, k):
     the bank's storage in place, which cannot skip slots: while some are
     dead (forgotten, not yet compacted), it retrieves ``k`` plus a margin,
     drops the dead, and the rare query left with fewer than ``k`` live
-    neighbours is searched again by :func:`_top_k_blas`.
+    neighbors is searched again by :func:`_top_k_blas`.
     """
     embeddings, dead = bank.slot_embeddings, bank.dead_slots
     if queries.shape[0] < SMALL_BATCH:
@@ -188,7 +188,7 @@ _RESCORE_BLOCK = 8192
 def rescore(queries, embeddings, q, slots):
     """Float32 scores of the (query `q`, item `slots`) pairs, one fixed kernel.
 
-    The kernel of :func:`skmml.retrieval.canonical_neighbours`: a pair's score
+    The kernel of :func:`skmml.retrieval.canonical_neighbors`: a pair's score
     does not depend on the batch it is computed in.
     """
     out = np.empty(q.shape[0], dtype=np.float32)

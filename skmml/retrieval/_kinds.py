@@ -10,7 +10,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from ._exact import SMALL_BATCH, canonical_neighbours, exact_search
+from ._exact import SMALL_BATCH, canonical_neighbors, exact_search
 from ._screening import certified_search, screen_format
 
 #: A :class:`~skmml.NeighborIndex`'s parameters, as each kind keeps them.
@@ -43,10 +43,10 @@ class IndexKind:
         raise NotImplementedError
 
     def search(self, queries, k):
-        """The `k` nearest items in the project's order (:func:`canonical_neighbours`)."""
+        """The `k` nearest items in the project's order (:func:`canonical_neighbors`)."""
         margin = min(len(self.bank) - k, max(4, k // 4))
         sims, rows = self.raw_search(queries, k + max(margin, 0))
-        return canonical_neighbours(queries, self.bank, sims, rows, k, exact=self.exact)
+        return canonical_neighbors(queries, self.bank, sims, rows, k, exact=self.exact)
 
 
 class ExactIndex(IndexKind):

@@ -20,7 +20,7 @@ float32 result:
    ``s' < t - 2B`` scores exactly < t - B and cannot be among the k best,
    ties included. Every other item is a candidate.
 4. Re-rank the candidates with the float32 kernel of
-   :func:`skmml.retrieval.canonical_neighbours` and keep the k best by
+   :func:`skmml.retrieval.canonical_neighbors` and keep the k best by
    (decreasing score, increasing id), the project's one order.
 
 A query with more than :data:`MAX_CANDIDATE_FRACTION` of the memory among its

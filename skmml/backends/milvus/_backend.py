@@ -35,7 +35,7 @@ class MilvusBackend(MemoryBackend):
 
     def classes(self, modalities=("image",)):
         counts = self.memory._class_counts()
-        return _classes({m: counts[m] for m in modalities}, self.memory._labels_kind)
+        return _classes({m: counts[m] for m in modalities}, self.memory._label_kind)
 
     def search(self, queries, k, modality="image", *, exclude_ids=None, vectors=False,
                verbose=False):
@@ -62,7 +62,7 @@ class MilvusBackend(MemoryBackend):
                 ids = np.asarray([row["id"] for row in page], dtype=np.int64)
                 queries = np.asarray([row["embedding"] for row in page], dtype=np.float32)
                 labels = _labels_array([row["label"] for row in page],
-                                       self.memory._labels_kind)
+                                       self.memory._label_kind)
                 bar.update(len(ids))
                 yield ids, labels, self.search(queries, k, exclude_ids=ids)
 
@@ -77,7 +77,7 @@ class MilvusBackend(MemoryBackend):
         else:
             rows = self.memory.get(keys, ("label",))
         return keys, np.asarray(keys, dtype=np.int64), _labels_array(
-            [row["label"] for row in rows], self.memory._labels_kind)
+            [row["label"] for row in rows], self.memory._label_kind)
 
     def class_memories(self, classes):
         return self.memory.class_memories(classes)

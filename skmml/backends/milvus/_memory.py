@@ -29,7 +29,7 @@ from ._backend import MilvusBackend
 from ._connection import _connect, _connection_error, _disconnect, _pymilvus
 from ._schema import (_ALLOCATOR_SUFFIX, _FORMAT, _LAYOUT_KEY, _MAX_MARK_JUMP, CONSISTENCY_LEVELS,
                       INDEX_TYPES, MAX_TOP_K, MODALITY_CODES, _classes, _create_collection,
-                      _labels_array, _labels_kind, _metadata_frame, _rows)
+                      _labels_array, _label_kind, _metadata_frame, _rows)
 
 class MilvusMemory:
     """A memory held in a Milvus collection: a handle on shared, mutable state.
@@ -195,7 +195,7 @@ class MilvusMemory:
                              "(MilvusMemory.from_memory).")
         fields = {f["name"]: f for f in info["fields"]}
         self.n_features = int(fields["embedding"]["params"]["dim"])
-        self._labels_kind = layout["labels"]
+        self._label_kind = layout["labels"]
         self._id_base = int(layout["id_base"])
         indexes = self._call("describe_index", client.describe_index, self.collection,
                              "embedding")
@@ -258,7 +258,7 @@ class MilvusMemory:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}.")
         if not len(memory):
             raise ValueError("Cannot create a Milvus memory from an empty Memory.")
-        labels_kind = _labels_kind(memory.classes)
+        labels_kind = _label_kind(memory.classes)
         id_base = memory.next_id
         pymilvus = _pymilvus()
         client = _connect(os.fspath(uri), token, timeout)
@@ -342,7 +342,7 @@ class MilvusMemory:
     @property
     def classes(self):
         """Sorted labels of the classes with at least one item."""
-        return _classes(self._class_counts(), self._labels_kind)
+        return _classes(self._class_counts(), self._label_kind)
 
     @property
     def next_id(self):
@@ -419,7 +419,7 @@ class MilvusMemory:
             given[f"{modality}_embeddings"] = np.asarray([r["embedding"] for r in mine],
                                                          dtype=np.float32)
             given[f"{modality}_labels"] = _labels_array([r["label"] for r in mine],
-                                                        self._labels_kind)
+                                                        self._label_kind)
             given[f"{modality}_ids"] = np.asarray([r["id"] for r in mine], dtype=np.int64)
             if "metadata" in mine[0]:
                 given[f"{modality}_metadata"] = _metadata_frame(mine)
@@ -466,7 +466,7 @@ class MilvusMemory:
             Similarities (-inf where fewer than `k` were found) and ids (-1).
         labels : ndarray of shape (n_queries, k)
         vectors : ndarray of shape (n_queries, k, n_features)
-            Only with ``vectors=True``: the neighbours' embeddings.
+            Only with ``vectors=True``: the neighbors' embeddings.
         """
         if k > MAX_TOP_K:
             raise ValueError(f"n_neighbors={k} is above Milvus's largest top-k ({MAX_TOP_K}).")
@@ -500,7 +500,7 @@ class MilvusMemory:
         order = tie_order(sims, ids)  # equal similarities: the lower id first
         sims = np.take_along_axis(sims, order, axis=1)
         ids = np.take_along_axis(ids, order, axis=1)
-        labels = _labels_array(np.take_along_axis(labels, order, axis=1), self._labels_kind,
+        labels = _labels_array(np.take_along_axis(labels, order, axis=1), self._label_kind,
                                missing=ids < 0)
         if vectors:
             return sims, ids, labels, out[np.arange(n)[:, None], order]
@@ -546,10 +546,10 @@ class MilvusMemory:
         emb = check_embeddings(embeddings, name=f"{modality} embeddings", dim=self.n_features)
         n = emb.shape[0]
         labels = check_labels(labels, n, name=f"{modality} labels")
-        kind = _labels_kind(labels)
-        if kind != self._labels_kind:
+        kind = _label_kind(labels)
+        if kind != self._label_kind:
             raise ValueError(f"Label type mismatch: the new items have {labels.dtype} labels, "
-                             f"{self._where()} holds {self._labels_kind} labels.")
+                             f"{self._where()} holds {self._label_kind} labels.")
         check_nonzero_rows(emb, name=f"{modality} embeddings")
         emb = l2_normalize(emb)
         if metadata is None:
@@ -701,7 +701,7 @@ class MilvusMemory:
         self.__dict__.update(state)
         self._token, self._lock, self._client_ = None, threading.RLock(), None
 
-    _DESCRIBED = frozenset({"n_features", "index_type", "_labels_kind", "_id_base", "_counts"})
+    _DESCRIBED = frozenset({"n_features", "index_type", "_label_kind", "_id_base", "_counts"})
 
     def __getattr__(self, name):
         # Only reached for attributes not yet set: the layout of an unpickled handle.

@@ -58,7 +58,7 @@ def _metadata_frame(rows):
                                      index=pd.RangeIndex(len(rows)))
 
 
-def _labels_kind(labels):
+def _label_kind(labels):
     labels = np.asarray(labels)
     if labels.dtype.kind in "iu":
         return "integer"
