@@ -71,6 +71,14 @@ class BaseMemoryClassifier(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         Checked before any index is built or any backend writes.
         """
 
+    @staticmethod
+    def _check_classes(y, classes):
+        """The ``classes`` argument of ``partial_fit``: every label of `y` must be in it."""
+        if classes is not None:
+            unknown = np.setdiff1d(np.asarray(y), classes)
+            if unknown.size:
+                raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
+
     def _check_replacement(self, memory):
         """Raise a ValueError when `memory` cannot replace the fitted memory."""
 

@@ -394,10 +394,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
         -------
         self : MemoryModularClassifier
         """
-        if classes is not None:
-            unknown = np.setdiff1d(np.asarray(y), classes)
-            if unknown.size:
-                raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
+        self._check_classes(y, classes)
         with writer_lock(self):
             if not hasattr(self, "_state"):
                 return self._fit(X, y, 1)

@@ -231,10 +231,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
             else:
                 X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
             check_classification_targets(y)
-            if classes is not None:
-                unknown = np.setdiff1d(y, classes)
-                if unknown.size:
-                    raise ValueError(f"y has labels not in classes: {unknown[:10].tolist()}.")
+            self._check_classes(y, classes)
             if first and self.memory is None:
                 backend = self._backend(Memory(X, y, image_ids=ids))
                 self._adopt(backend, pruning=None, metadata=metadata,
