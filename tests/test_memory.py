@@ -407,3 +407,14 @@ def test_saved_files_get_the_usual_mode_and_long_paths_load_by_default(tmp_path)
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
     assert Memory.load(path).image.metadata["source"].iloc[-1] == paths[-1]
+
+
+def test_the_id_mark_survives_save_load_and_pickling(tmp_path):
+    import pickle
+
+    memory = Memory(np.eye(4), [0, 1, 2, 3]).remove([3])
+    assert memory.next_id == 4
+    memory.save(tmp_path / "m.npz")
+    for copy in (Memory.load(tmp_path / "m.npz"), pickle.loads(pickle.dumps(memory))):
+        assert copy.next_id == 4  # the forgotten id 3 is never given again
+        np.testing.assert_array_equal(copy.add(np.eye(4)[:1], [0]).image.ids, [0, 1, 2, 4])

@@ -191,6 +191,18 @@ def test_ids_reserved_by_two_handles_never_clash(lite):
     assert np.unique(ids).size == 15 and ids.min() >= 600
 
 
+def test_the_id_mark_lives_in_the_collection(lite):
+    X, y, _ = _data(n=50)
+    mm = MilvusMemory.from_memory(Memory(X, y).remove([49]), uri=lite, collection="mark")
+    assert mm.next_id == 50  # the memory's mark, not one above its largest id
+    mm.remove([48])
+    mm.close()
+    again = MilvusMemory(lite, "mark")  # a new handle reads the mark from the collection
+    assert again.next_id == 50
+    np.testing.assert_array_equal(again.add(X[:2], y[:2]), [50, 51])
+    again.close()
+
+
 def test_pickles_as_a_connection_description_and_reloads_in_a_new_process(lite, tmp_path):
     X, y, Q = _data()
     mm = MilvusMemory.from_memory(Memory(X, y), uri=lite, collection="pickled",

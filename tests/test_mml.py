@@ -296,7 +296,7 @@ def test_missing_neighbors_of_an_approximate_index_get_no_attention():
     X, y = rng.normal(size=(2000, 16)).astype(np.float32), rng.integers(0, 5, 2000)
     clf = MemoryModularClassifier(max_epochs=1, index="IVF64,Flat", index_params={"nprobe": 1},
                                   index_device="cpu", random_state=0).fit(X, y)
-    assert (clf._queries(X[:200], explain=True)[1].rows["image"] < 0).any()
+    assert (clf._queries(X[:200], explain=True)[1].slots["image"] < 0).any()
     table = clf.explain(X[:200])
     assert np.isfinite(table["similarity"]).all()
     np.testing.assert_allclose(table.groupby("query")["weight"].sum(), 1.0, rtol=1e-5)

@@ -76,12 +76,12 @@ class _View:
                 else backend.n_items(branch))
 
     def neighbors(self, branch, X, k, query_ids=None):
-        """(neighbors, rows, bank): the `k` nearest items of each query.
+        """(neighbors, slots, bank): the `k` nearest items of each query.
 
         Fewer than `k` when the memory is smaller. With `query_ids`, a query
         never retrieves the item with its own id (the supervised setting,
-        where the training queries are the memory). `rows` index the slots
-        of `bank`: the backend's table, or a bank of the vectors the search
+        where the training queries are the memory). `slots` are slots of
+        `bank`: the backend's table, or a bank of the vectors the search
         returned (a backend without a table).
         """
         extra = int(query_ids is not None)
@@ -94,10 +94,10 @@ class _View:
         if table is not None:
             return found, found.keys, table
         n, width = found.ids.shape
-        rows = np.where(found.ids >= 0, np.arange(n * width).reshape(n, width), -1)
+        slots = np.where(found.ids >= 0, np.arange(n * width).reshape(n, width), -1)
         bank = MemoryBank(found.vectors.reshape(n * width, -1), found.labels.ravel(),
                           found.ids.ravel(), pd.DataFrame(index=pd.RangeIndex(n * width)))
-        return found, rows, bank
+        return found, slots, bank
 
 
 class _Episode:
@@ -667,12 +667,12 @@ class MemoryModularClassifier(BaseMemoryClassifier):
                 keys, values = head.project_memory(query)
                 rows = torch.arange(len(batch), device=device)[:, None]
             else:
-                found = queries.rows[branch][batch]
+                found = queries.slots[branch][batch]
                 if not np.all(found >= 0):  # an approximate index found fewer than k
                     valid = _as_tensor(found >= 0, device)
                     found = np.maximum(found, 0)
                 if cached and queries.banks[branch] is state.backend.table(branch):
-                    # The rows are slots of the backend's table: its cached projections.
+                    # Slots of the backend's table: its cached projections.
                     keys, values = _projection(state, branch)
                     rows = _as_tensor(found, device)
                 else:
@@ -959,10 +959,10 @@ class _QuerySet:
     def __init__(self, X, codes, view, branches, estimator, labels=None, query_ids=None):
         self.X, self.view, self.query_ids = X, view, query_ids
         self.codes = codes if labels is None else np.searchsorted(view.classes, labels)
-        self.neighbors, self.rows, self.banks = {}, {}, {}
+        self.neighbors, self.slots, self.banks = {}, {}, {}
         if estimator.retrieval == "knn":
             for branch in branches:
-                self.neighbors[branch], self.rows[branch], self.banks[branch] = (
+                self.neighbors[branch], self.slots[branch], self.banks[branch] = (
                     view.neighbors(branch, X, estimator.n_neighbors, query_ids))
 
     def __len__(self):

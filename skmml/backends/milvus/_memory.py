@@ -206,7 +206,8 @@ class MilvusMemory:
                 "IP (inner product of L2-normalised embeddings, i.e. cosine)."
             )
         self.index_type = indexes.get("index_type", "FLAT")
-        self._call("load_collection", client.load_collection, self.collection)
+        for name in (self.collection, self.collection + _ALLOCATOR_SUFFIX):
+            self._call("load_collection", client.load_collection, name)
         self._counts = None
 
     # -- creating ------------------------------------------------------------------------
