@@ -378,11 +378,11 @@ def test_interrupted_or_failed_save_keeps_the_previous_file(tmp_path, monkeypatc
     old.save(path)
     new = Memory(np.eye(4), [0, 1, 2, 3])
     for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
-        def failing_savez(f, **arrays):
+        def failing_write(f, arrays, header):
             f.write(b"PK\x03\x04 partial")  # a partial write, then the failure
             raise error
 
-        monkeypatch.setattr(memory_module.np, "savez", failing_savez)
+        monkeypatch.setattr(memory_module, "_write_archive", failing_write)
         with pytest.raises(type(error)):
             new.save(path)
         monkeypatch.undo()

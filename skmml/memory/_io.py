@@ -1,10 +1,13 @@
 """Memories on disk: an ``.npz`` archive (no pickle inside), written atomically, loaded checked.
 
-Format version 2 stores the id high-water mark (``next_id``); version 1
-files still load (their mark is one above their largest id).
+Format version 3 lists every member in the header with its size and SHA-256
+digest, checked on load; version 2 added the id high-water mark
+(``next_id``). Versions 1 and 2 still load (without digests; a version 1
+file's mark is one above its largest id).
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -14,12 +17,46 @@ import zipfile
 import numpy as np
 import pandas as pd
 
+from .._process import is_dead, process_tag
 from .._validation import check_embeddings, check_ids, check_labels, check_nonzero_rows
 from ._bank import MODALITIES, MemoryBank
 
 _FORMAT = "skmml.Memory"
-_FORMAT_VERSION = 2
-_READ_VERSIONS = (1, 2)
+_FORMAT_VERSION = 3
+_READ_VERSIONS = (1, 2, 3)
+_TMP_SUFFIX = ".skmml-tmp"
+
+
+def _tmp_name(path):
+    """A temporary file beside `path`, named by its writer (see :func:`remove_stale_tmp`)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tag = process_tag().replace("|", "~").replace(os.sep, "_")
+    return os.path.join(folder, f".{base}.{tag}~{secrets.token_hex(4)}{_TMP_SUFFIX}")
+
+
+def remove_stale_tmp(path):
+    """Delete temporary files of `path` left by saves whose process died (SIGKILL, power loss).
+
+    A temporary file names its writer (host, pid, process start time); one
+    whose writer runs on this host and is gone is removed. Files of live
+    writers, or of other hosts sharing the folder, are left alone. Returns
+    the number removed.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    prefix, removed = f".{base}.", 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)):
+            continue
+        tag = name[len(prefix):-len(_TMP_SUFFIX)].rsplit("~", 1)[0].replace("~", "|")
+        if is_dead(tag):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
 
 
 def save_banks(banks, next_id, path):
@@ -45,17 +82,17 @@ def save_banks(banks, next_id, path):
             buffer = io.BytesIO()
             bank.metadata.to_parquet(buffer, index=False)
             arrays[f"{modality}_metadata"] = np.frombuffer(buffer.getvalue(), np.uint8)
-    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    remove_stale_tmp(path)
+    tmp = _tmp_name(path)
     # Created as open() creates files (0666 less the umask), unlike mkstemp's 0600.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with contextlib.suppress(OSError):  # an existing target keeps its mode
             os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            _write_archive(f, arrays, header)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,6 +101,62 @@ def save_banks(banks, next_id, path):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+class _Hashing:
+    """A writable file that hashes (SHA-256) and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.f.write(data)
+
+
+def _write_archive(f, arrays, header):
+    """An ``.npz`` of `arrays` (as ``np.savez`` writes it), then the header with their digests.
+
+    Each member is hashed as it streams out: no copy of the arrays is made.
+    """
+    members = {}
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED,
+                         allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                hashing = _Hashing(member)
+                np.lib.format.write_array(hashing, np.asanyarray(array), allow_pickle=False)
+            members[name] = {"bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest()}
+        raw = np.frombuffer(json.dumps(dict(header, members=members)).encode(), np.uint8)
+        with archive.open("header.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, raw, allow_pickle=False)
+
+
+def _check_members(path, header, sizes):
+    """The archive holds exactly the header's members, each with its size and digest."""
+    listed = header.get("members")
+    if not isinstance(listed, dict):
+        raise ValueError("its header does not list its members")
+    present = set(sizes) - {"header"}
+    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
+    if missing:
+        raise ValueError(f"members listed in its header are missing: {missing}")
+    if extra:
+        raise ValueError(f"it holds members its header does not list: {extra}")
+    with zipfile.ZipFile(path) as archive:
+        for name, expected in sorted(listed.items()):
+            with archive.open(f"{name}.npy") as member:
+                digest, size = hashlib.sha256(), 0
+                while chunk := member.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+            if not isinstance(expected, dict) or digest.hexdigest() != expected.get("sha256"):
+                raise ValueError(f"member {name!r} does not match the digest in its header: "
+                                 "the file was altered or is corrupt")
+            if size != expected.get("bytes"):
+                raise ValueError(f"member {name!r} has {size} bytes, its header says "
+                                 f"{expected.get('bytes')}")
 
 
 def _fsync_folder(folder):
@@ -130,6 +223,8 @@ def load_banks(path, max_bytes):
                 f"it has Memory format version {header.get('version')}; this skmml reads "
                 f"versions {list(_READ_VERSIONS)}"
             )
+        if header["version"] >= 3:
+            _check_members(path, header, sizes)
         next_id = header.get("next_id", 0)  # version 1 files: one above the largest id
         if isinstance(next_id, bool) or not isinstance(next_id, int) or not (
                 0 <= next_id <= np.iinfo(np.int64).max):

@@ -1,7 +1,6 @@
 """The memory: what a memory-modular classifier knows, held outside its weights."""
 
 import os
-import zipfile
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ from .._validation import (check_embeddings, check_ids, check_item_ids, check_la
                           check_nonzero_rows, l2_normalize)
 from ._bank import MODALITIES, MemoryBank, empty_bank
 from ._herding import herding_order
-from ._io import load_banks, save_banks
+from ._io import load_banks, remove_stale_tmp, save_banks
 from ._sources import IMAGE_EXTENSIONS, encoded, folder_items
 
 
@@ -387,7 +386,10 @@ class Memory:
         plain arrays; metadata as Parquet. :meth:`load` restores the memory
         exactly. The archive is written to a temporary file in the same
         folder, flushed to disk (fsync) and renamed over `path`: a crash or a
-        full disk during ``save`` leaves the previous file intact.
+        full disk during ``save`` leaves the previous file intact. The
+        temporary file names its process, and the next ``save`` or ``load`` of
+        `path` deletes those left by processes that died. The header lists
+        every member with its SHA-256 digest, checked by :meth:`load`.
         """
         save_banks({m: self.bank(m) for m in MODALITIES}, self.next_id, path)
 
@@ -413,10 +415,14 @@ class Memory:
             Naming the file and the problem, for any malformed file: not an
             archive, a missing or extra-large array, a wrong header, labels,
             ids or metadata that do not match the embeddings, duplicate or
-            negative ids, non-finite, all-zero or non-unit embeddings, or a
-            ``labels_dtype`` that would change the labels.
+            negative ids, non-finite, all-zero or non-unit embeddings, a
+            ``labels_dtype`` that would change the labels, a member missing
+            from or not listed in the header, or one whose content does not
+            match its SHA-256 digest in the header; whatever the zip or npy
+            layer raised (flags, compression methods, headers).
         """
         path = os.fspath(path)
+        remove_stale_tmp(path)
         if max_bytes is None:
             max_bytes = 64 * os.path.getsize(path) + 256 * 2**20
         try:
@@ -424,9 +430,9 @@ class Memory:
             return cls._from_banks(*banks, check=True, next_id=next_id)
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             raise  # not a malformed file: the error already says what is wrong
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
-                zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as exc:
+        except Exception as exc:  # whatever the zip, npy or Parquet layer raises
             problem = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            problem = problem or type(exc).__name__
             raise ValueError(f"Cannot load a Memory from {path}: {problem}") from None
 
 

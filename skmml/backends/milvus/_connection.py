@@ -4,6 +4,7 @@ import functools
 import logging
 import os
 import threading
+import time
 
 #: Where the token comes from when the ``token`` parameter is not given.
 TOKEN_ENV = "MILVUS_TOKEN"
@@ -43,7 +44,8 @@ def _quiet_benign_logs():
         _DropMessages("Exception calling application: Method not implemented"))
 
 
-#: Open skmml handles per Milvus Lite path in this process (see MilvusMemory.close).
+#: Open skmml handles per Milvus Lite file in this process (see MilvusMemory.close),
+#: keyed by the file's absolute path as resolved when the handle connected.
 _LITE_HANDLES = {}
 _LITE_GUARD = threading.Lock()
 
@@ -52,17 +54,24 @@ def _is_lite(uri):
     return uri.endswith(".db")
 
 
+def _resolve(uri):
+    """The URI a handle keeps: a Milvus Lite path made absolute (a later chdir changes nothing)."""
+    uri = os.fspath(uri)
+    return os.path.abspath(uri) if _is_lite(uri) else uri
+
+
 def _connect(uri, token, timeout):
+    """A client of `uri` (already resolved); its failure is told apart and explained."""
     pymilvus = _pymilvus()
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    started = time.monotonic()
     try:
         client = pymilvus.MilvusClient(uri, token=token, timeout=timeout)
-    except pymilvus.exceptions.MilvusException as exc:
-        raise _connection_error(uri, None, exc) from None
+    except (pymilvus.exceptions.MilvusException, grpc_error()) as exc:
+        raise _connect_error(uri, exc, time.monotonic() - started, timeout) from None
     if _is_lite(uri):
         with _LITE_GUARD:
-            key = os.path.abspath(uri)
-            _LITE_HANDLES[key] = _LITE_HANDLES.get(key, 0) + 1
+            _LITE_HANDLES[uri] = _LITE_HANDLES.get(uri, 0) + 1
     return client
 
 
@@ -71,21 +80,41 @@ def _disconnect(uri, client):
 
     Milvus Lite keeps a file's engine (and its lock) for the life of the
     process; stopping it with the last handle lets another process open the
-    file.
+    file. Never raises: it runs from finalizers, also at interpreter exit.
     """
-    client.close()
+    try:
+        client.close()
+    except Exception:  # a dead server or a half-torn-down interpreter
+        pass
     if not _is_lite(uri):
         return
-    key = os.path.abspath(uri)
     with _LITE_GUARD:
-        _LITE_HANDLES[key] -= 1
-        last = not _LITE_HANDLES[key]
-        if last:
-            del _LITE_HANDLES[key]
-    if last:
+        left = _LITE_HANDLES.get(uri, 1) - 1
+        if left > 0:
+            _LITE_HANDLES[uri] = left
+            return
+        _LITE_HANDLES.pop(uri, None)
+    try:
         from milvus_lite.server_manager import server_manager_instance
 
-        server_manager_instance.release_server(key)
+        server_manager_instance.release_server(uri)
+    except Exception:
+        pass
+
+
+def add_note(exc, note):
+    """Attach `note` to `exc` (``BaseException.add_note``; on Python 3.10, in its message)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    elif exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} [{note}]",) + exc.args[1:]
+
+
+def grpc_error():
+    """The exception class of failed gRPC calls (raised by pymilvus on deadlines)."""
+    import grpc
+
+    return grpc.RpcError
 
 
 def _answers(uri):
@@ -117,21 +146,63 @@ def _lite_locked(uri):
     return False
 
 
-def _connection_error(uri, collection, exc):
-    """A ConnectionError naming the URI, with what to do about it."""
-    message = str(getattr(exc, "message", exc))
-    where = f"Milvus at {uri}" if collection is None else \
-        f"Milvus collection {collection!r} at {uri}"
-    if _is_lite(uri) and (_lite_locked(uri) or "lock" in message.lower()):
-        hint = ("another process has this Milvus Lite file open; Lite serves one process per "
-                "file. To share it, serve it: `milvus-lite server --data-dir "
-                f"{uri} --host 127.0.0.1 --port 19530` and connect every process with "
-                "uri='http://127.0.0.1:19530'.")
-    elif _answers(uri):
-        # The server is up but refused the handshake: pymilvus reports a
-        # wrong or missing token like an unreachable server.
-        hint = (f"authentication failed (the server answers but refused the connection): "
-                f"check the token (the token parameter or ${TOKEN_ENV}).")
-    else:
-        hint = "the server is unreachable."
-    return ConnectionError(f"Cannot use {where}: {hint} ({message})")
+def _message(exc):
+    return str(getattr(exc, "message", None) or (exc.details() if hasattr(exc, "details")
+                                                  else exc))
+
+
+def _connect_error(uri, exc, elapsed, timeout):
+    """Why connecting to `uri` failed: busy Lite file, hung server, refused token, or no server.
+
+    pymilvus reports all of them alike ("Fail connecting ... illegal
+    connection params or server unavailable"); they differ in whether
+    something accepts TCP connections and in how long the attempt took.
+    """
+    message = _message(exc)
+    if _is_lite(uri):
+        if _lite_locked(uri) or "lock" in message.lower():
+            return ConnectionError(
+                f"Cannot open Milvus Lite file {uri}: another process has this Milvus Lite "
+                "file open; Lite serves one process per file. To share it, serve it: `milvus-lite server "
+                f"--data-dir {uri} --host 127.0.0.1 --port 19530` and connect every process "
+                f"with uri='http://127.0.0.1:19530'. ({message})")
+        return ConnectionError(f"Cannot open Milvus Lite file {uri}: {message}")
+    if not _answers(uri):
+        return ConnectionError(f"Cannot connect to Milvus at {uri}: nothing accepts "
+                               f"connections there (the server is down or unreachable).")
+    if timeout is not None and elapsed >= 0.8 * timeout:
+        return ConnectionError(
+            f"Cannot connect to Milvus at {uri}: it accepts connections but did not answer "
+            f"within the timeout ({timeout} s); the server is hung or overloaded.")
+    return ValueError(
+        f"Cannot connect to Milvus at {uri}: the server answers but refused the handshake: "
+        f"the token is wrong or missing (the token parameter or ${TOKEN_ENV}), or this is "
+        f"not a Milvus server. ({message})")
+
+
+def _call_error(uri, collection, what, exc, timeout):
+    """The error a failed call on `collection` raises: what failed, where, and why.
+
+    The server's side (unreachable, hung, died mid-call, not serving the
+    collection yet) is a ConnectionError; a collection that is gone is a
+    ValueError; anything else the server refused is a RuntimeError.
+    """
+    pymilvus = _pymilvus()
+    where = f"Milvus collection {collection!r} at {uri}"
+    message = _message(exc)
+    code = exc.code() if callable(getattr(exc, "code", None)) else getattr(exc, "code", None)
+    name = getattr(code, "name", "")
+    lowered = message.lower()
+    if name == "DEADLINE_EXCEEDED" or "retry timeout" in lowered or "deadline" in lowered:
+        return ConnectionError(f"{what} on {where} did not finish within the timeout "
+                               f"({timeout} s): the server is hung, overloaded, or (just restarted) still "
+                               "loading the collection.")
+    if isinstance(exc, grpc_error()) or name in ("UNAVAILABLE", "CANCELLED") or isinstance(
+            exc, (pymilvus.exceptions.MilvusUnavailableException,
+                  pymilvus.exceptions.ConnectError)) or code in (2, 503) or \
+            "fail connecting" in lowered or "unavailable" in lowered:
+        return ConnectionError(f"{what} on {where} failed: lost the server ({message}).")
+    if isinstance(exc, pymilvus.exceptions.CollectionNotExistException) or \
+            "collection not found" in lowered or "can't find collection" in lowered:
+        return ValueError(f"{where} does not exist (dropped?): {message}")
+    return RuntimeError(f"{what} failed on {where}: {message}")

@@ -12,7 +12,6 @@ Needs ``pip install "skmml[milvus]"`` (pymilvus and milvus-lite).
 """
 
 import json
-import os
 import threading
 import time
 import warnings
@@ -26,10 +25,15 @@ from ..._validation import (check_embeddings, check_ids, check_item_ids, check_l
                            check_nonzero_rows, l2_normalize)
 from ...retrieval._exact import tie_order
 from ._backend import MilvusBackend
-from ._connection import _connect, _connection_error, _disconnect, _pymilvus
+from ._connection import (_call_error, _connect, _disconnect, _pymilvus, _resolve, add_note,
+                          grpc_error)
+from ._log import _LOG_SUFFIX, COMMITTED, OPEN, CommitLog
 from ._schema import (_ALLOCATOR_SUFFIX, _FORMAT, _LAYOUT_KEY, _MAX_MARK_JUMP, CONSISTENCY_LEVELS,
-                      INDEX_TYPES, MAX_TOP_K, MODALITY_CODES, _classes, _create_collection,
-                      _labels_array, _label_kind, _metadata_frame, _rows)
+                      INDEX_TYPES, LAYOUT_VERSION, MAX_TOP_K, MODALITY_CODES, _classes,
+                      _create_collection, _labels_array, _label_kind, _metadata_frame, _rows)
+
+#: Seconds between looks at the log while a concurrent write of the same ids finishes.
+_CLAIM_POLL = 0.05
 
 class MilvusMemory:
     """A memory held in a Milvus collection: a handle on shared, mutable state.
@@ -67,7 +71,8 @@ class MilvusMemory:
         others are faster on a server but may answer from a state a few
         seconds old.
     timeout : float, default=10.0
-        Seconds to wait for the server before failing.
+        Seconds each call to the server may take before failing with a
+        ConnectionError (connecting, searching, writing).
     batch_size : int, default=4096
         Rows per insert call and per page when streaming the collection.
 
@@ -99,9 +104,23 @@ class MilvusMemory:
     generates them) never clash. Explicit ids above the mark move it above
     them (by at most 2**20 ids a call).
 
+    **Writes are all-or-nothing, also across crashes.** Each write (an
+    import, :meth:`add`, :meth:`expand`, a ``partial_fit``) tags its rows
+    with a batch number and becomes visible by one commit record in a
+    companion collection (``<collection>__skmml_log``); every read filters
+    on the committed batches, so no reader ever sees part of a write, and a
+    write whose client or server died is never seen. Its hidden rows are
+    removed by the next write once its writer is known dead, or by
+    :meth:`recover`. Of two clients adding the same explicit ids at once,
+    exactly one succeeds; the other gets a ValueError naming them. A
+    :meth:`remove` is one delete request. Every call passes `timeout` to
+    Milvus; a hung or lost server is a ConnectionError.
+
     **Consistency.** Milvus's default level (Bounded) hides recent inserts
     and deletes from the next search; this handle reads with "Strong" unless
-    told otherwise, so a forgotten item never votes again.
+    told otherwise, so a forgotten item never votes again, and a write is
+    seen whole (at lower levels a committed write may show partly for a few
+    seconds).
 
     Examples
     --------
@@ -127,7 +146,7 @@ class MilvusMemory:
         if consistency not in CONSISTENCY_LEVELS:
             raise ValueError(f"consistency must be one of {CONSISTENCY_LEVELS}, got "
                              f"{consistency!r}.")
-        self.uri = os.fspath(uri)
+        self.uri = _resolve(uri)
         self.collection = collection
         self.search_params = dict(search_params or {})
         self.consistency = consistency
@@ -152,14 +171,20 @@ class MilvusMemory:
                 self._client_ = client
             return self._client_
 
-    def _call(self, what, fn, *args, **kwargs):
-        """Run a client call; a Milvus error becomes one that names the collection."""
+    def _call(self, what, fn, *args, timed=True, **kwargs):
+        """Run a client call within the timeout; its failure says what, where and why.
+
+        ConnectionError when the server is unreachable, hung past the timeout
+        or died mid-call; ValueError when the collection is gone;
+        RuntimeError for anything else the server refused.
+        """
         pymilvus = _pymilvus()
+        if timed:
+            kwargs.setdefault("timeout", self.timeout)
         try:
             return fn(*args, **kwargs)
-        except pymilvus.exceptions.MilvusException as exc:
-            raise RuntimeError(f"{what} failed on {self._where()}: "
-                               f"{getattr(exc, 'message', exc)}") from None
+        except (pymilvus.exceptions.MilvusException, grpc_error()) as exc:
+            raise _call_error(self.uri, self.collection, what, exc, self.timeout) from None
 
     def close(self):
         """Close the connection (it reopens on next use).
@@ -175,12 +200,7 @@ class MilvusMemory:
     def _describe(self):
         """Check the collection is a skmml memory and read its layout."""
         client = self._client()
-        pymilvus = _pymilvus()
-        try:
-            exists = client.has_collection(self.collection, timeout=self.timeout)
-        except pymilvus.exceptions.MilvusException as exc:
-            raise _connection_error(self.uri, self.collection, exc) from None
-        if not exists:
+        if not self._call("has_collection", client.has_collection, self.collection):
             raise ValueError(
                 f"{self._where()} does not exist: create it with "
                 "MilvusMemory.from_memory(memory, uri, collection)."
@@ -193,6 +213,12 @@ class MilvusMemory:
         if layout.get("format") != _FORMAT:
             raise ValueError(f"{self._where()} was not created by skmml "
                              "(MilvusMemory.from_memory).")
+        if layout.get("version", 1) != LAYOUT_VERSION:
+            raise ValueError(
+                f"{self._where()} has layout version {layout.get('version', 1)}; this skmml "
+                f"reads version {LAYOUT_VERSION} (with a commit log). Re-import it: export "
+                "with the skmml that wrote it (MilvusMemory.to_memory().save(path)), then "
+                "MilvusMemory.from_memory(Memory.load(path), uri, new_collection).")
         fields = {f["name"]: f for f in info["fields"]}
         self.n_features = int(fields["embedding"]["params"]["dim"])
         self._label_kind = layout["labels"]
@@ -206,8 +232,10 @@ class MilvusMemory:
                 "IP (inner product of L2-normalised embeddings, i.e. cosine)."
             )
         self.index_type = indexes.get("index_type", "FLAT")
-        for name in (self.collection, self.collection + _ALLOCATOR_SUFFIX):
+        for name in (self.collection, self.collection + _ALLOCATOR_SUFFIX,
+                     self.collection + _LOG_SUFFIX):
             self._call("load_collection", client.load_collection, name)
+        self._log = CommitLog(self)
         self._counts = None
 
     # -- creating ------------------------------------------------------------------------
@@ -260,41 +288,39 @@ class MilvusMemory:
         if not len(memory):
             raise ValueError("Cannot create a Milvus memory from an empty Memory.")
         labels_kind = _label_kind(memory.classes)
-        id_base = memory.next_id
         pymilvus = _pymilvus()
-        client = _connect(os.fspath(uri), token, timeout)
-        where = f"Milvus collection {collection!r} at {os.fspath(uri)}"
+        uri = _resolve(uri)
+        client = _connect(uri, token, timeout)
+        names = [collection + suffix for suffix in ("", _ALLOCATOR_SUFFIX, _LOG_SUFFIX)]
+        handle = None
         try:
-            if client.has_collection(collection, timeout=timeout):
-                raise ValueError(f"{where} already exists: open it with "
-                                 "MilvusMemory(uri, collection), or drop it first.")
-            _create_collection(client, collection, memory.n_features, labels_kind,
-                               id_base, index_type, index_params or {})
-        except pymilvus.exceptions.MilvusException as exc:
-            _disconnect(os.fspath(uri), client)
-            raise _connection_error(os.fspath(uri), collection, exc) from None
-        except BaseException:
-            _disconnect(os.fspath(uri), client)
-            raise
-        try:
-            with tqdm(total=len(memory), desc="importing", unit="item",
-                      disable=not verbose) as bar:
-                for modality in MODALITY_CODES:
-                    bank = memory.bank(modality)
-                    for start in range(0, len(bank), batch_size):
-                        rows = slice(start, start + batch_size)
-                        client.insert(collection, _rows(
-                            bank.ids[rows], bank.embeddings[rows], bank.labels[rows],
-                            modality, bank.metadata.iloc[rows]))
-                        bar.update(len(bank.ids[rows]))
-        except BaseException:
-            for name in (collection, collection + _ALLOCATOR_SUFFIX):
-                client.drop_collection(name)
-            _disconnect(os.fspath(uri), client)
-            raise
-        memory = cls(uri, collection, token=token, search_params=search_params,
-                   consistency=consistency, timeout=timeout, batch_size=batch_size)
-        _disconnect(os.fspath(uri), client)  # after the handle opened: Lite stays up
+            try:
+                if client.has_collection(collection, timeout=timeout):
+                    raise ValueError(f"Milvus collection {collection!r} at {uri} already "
+                                     "exists: open it with MilvusMemory(uri, collection), or "
+                                     "drop it first.")
+                _create_collection(client, collection, memory.n_features, labels_kind,
+                                   memory.next_id, index_type, index_params or {}, timeout)
+            except (pymilvus.exceptions.MilvusException, grpc_error()) as exc:
+                raise _call_error(uri, collection, "create the collection", exc,
+                                  timeout) from None
+            try:
+                handle = cls(uri, collection, token=token, search_params=search_params,
+                             consistency=consistency, timeout=timeout, batch_size=batch_size)
+                handle.expand(memory, verbose=verbose)
+            except BaseException as exc:
+                try:
+                    for name in names:
+                        client.drop_collection(name, timeout=timeout)
+                except Exception as undo:
+                    add_note(exc, f"Dropping the half-imported collection failed too ({undo}); "
+                                 "nothing of it is visible (the import never committed).")
+                if handle is not None:
+                    handle.close()
+                raise
+        finally:
+            _disconnect(uri, client)  # after the handle opened: Lite stays up
+        memory = handle
         if index_wait is not None:
             memory.wait_for_index(index_wait, verbose=verbose)
         return memory
@@ -385,8 +411,12 @@ class MilvusMemory:
             return self._counts
 
     def _scan(self, fields, where=""):
-        """Pages of rows (dicts with `fields` and "id") matching `where`, streamed."""
-        return self._scan_collection(self.collection, fields, where)
+        """Pages of the visible rows (dicts with `fields` and "id") matching `where`.
+
+        Streamed from one snapshot of the commit log.
+        """
+        return self._scan_collection(self.collection, ["id", *fields],
+                                     self._log.snapshot().where(where))
 
     def _scan_collection(self, name, fields, where=""):
         client = self._client()
@@ -395,12 +425,15 @@ class MilvusMemory:
                               output_fields=list(fields))
         try:
             while True:
-                page = self._call("query_iterator.next", iterator.next)
+                page = self._call("query_iterator.next", iterator.next, timed=False)
                 if not page:
                     return
                 yield page
         finally:
-            iterator.close()
+            try:
+                iterator.close()
+            except Exception:  # the server went away: nothing to close
+                pass
 
     def to_memory(self):
         """Export every item to an in-RAM :class:`~skmml.Memory` (for memories that fit)."""
@@ -480,8 +513,9 @@ class MilvusMemory:
         ids = np.full((n, k), -1, dtype=np.int64)
         labels = np.empty((n, k), dtype=object)
         out = np.zeros((n, k, self.n_features), dtype=np.float32) if vectors else None
-        fields = ["label", "embedding"] if vectors else ["label"]
+        fields = ["id", "label", "embedding"] if vectors else ["id", "label"]
         client = self._client()
+        where = self._log.snapshot().where(f"modality == {MODALITY_CODES[modality]}")
         params = {"metric_type": "IP", "params": self.search_params}
         block = max(1, min(1024, (1 << 20) // max(k, 1)))
         with tqdm(total=n, desc="searching", unit="query", disable=not verbose) as bar:
@@ -489,11 +523,11 @@ class MilvusMemory:
                 hits = self._call(
                     "search", client.search, self.collection,
                     data=queries[start:start + block], limit=k,
-                    filter=f"modality == {MODALITY_CODES[modality]}", output_fields=fields,
+                    filter=where, output_fields=fields,
                     search_params=params, consistency_level=self.consistency)
                 for i, row in enumerate(hits, start):
                     for j, hit in enumerate(row):
-                        sims[i, j], ids[i, j] = hit["distance"], hit["id"]
+                        sims[i, j], ids[i, j] = hit["distance"], hit["entity"]["id"]
                         labels[i, j] = hit["entity"]["label"]
                         if vectors:
                             out[i, j] = hit["entity"]["embedding"]
@@ -526,10 +560,12 @@ class MilvusMemory:
         """{id: row} of those of `ids` that are in the collection."""
         unique = np.unique(np.asarray(ids, dtype=np.int64))
         client, found = self._client(), {}
+        snapshot = self._log.snapshot()
         for start in range(0, unique.size, self.batch_size):
             chunk = unique[start:start + self.batch_size].tolist()
             for row in self._call("query", client.query, self.collection,
-                                  filter=f"id in {chunk}", output_fields=list(fields),
+                                  filter=snapshot.where(f"id in {chunk}"),
+                                  output_fields=["id", *fields],
                                   consistency_level=self.consistency):
                 found[row["id"]] = row
         return found
@@ -537,11 +573,20 @@ class MilvusMemory:
     # -- writing -------------------------------------------------------------------------
 
     def add(self, embeddings, labels, *, ids=None, metadata=None, modality="image"):
-        """Insert items; return their ids. All-or-nothing: a failed batch is undone.
+        """Insert items as one write; return their ids.
 
-        Without `ids`, new ids are reserved so that no other client gets them
-        (see Notes of :class:`MilvusMemory`).
+        All-or-nothing: no reader sees the items before the write commits,
+        and a failed or interrupted write is never seen (see Notes of
+        :class:`MilvusMemory`). Without `ids`, new ids are reserved so that no
+        other client gets them; explicit ids held by an item, or being added
+        by another client at the same moment, raise a ValueError naming them
+        (exactly one of two clients adding the same ids succeeds).
         """
+        part = self._part(embeddings, labels, ids, metadata, modality)
+        return self._write([part])
+
+    def _part(self, embeddings, labels, ids, metadata, modality):
+        """One modality's validated items: (modality, ids or None, embeddings, labels, metadata)."""
         if modality not in MODALITY_CODES:
             raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
         emb = check_embeddings(embeddings, name=f"{modality} embeddings", dim=self.n_features)
@@ -552,41 +597,123 @@ class MilvusMemory:
             raise ValueError(f"Label type mismatch: the new items have {labels.dtype} labels, "
                              f"{self._where()} holds {self._label_kind} labels.")
         check_nonzero_rows(emb, name=f"{modality} embeddings")
-        emb = l2_normalize(emb)
         if metadata is None:
             metadata = pd.DataFrame(index=pd.RangeIndex(n))
         metadata = pd.DataFrame(metadata).reset_index(drop=True)
         if len(metadata) != n:
             raise ValueError(f"metadata has {len(metadata)} rows but there are {n} embeddings.")
+        if ids is not None:
+            ids = check_ids(ids, n, name=f"{modality} ids")
+        return modality, ids, l2_normalize(emb), labels, metadata
+
+    def _write(self, parts, verbose=0):
+        """Insert `parts` (see :meth:`_part`) as one batch of the commit log; return the ids."""
+        given = [p[1] for p in parts if p[1] is not None]
+        explicit = np.concatenate(given) if given else np.empty(0, dtype=np.int64)
+        if np.unique(explicit).size != explicit.size:
+            raise ValueError("ids must be unique.")
+        n_rows = sum(len(p[2]) for p in parts)
         with self._lock:
-            if ids is None:
-                ids = self._reserve_ids(n)
-            else:
-                ids = check_ids(ids, n, name=f"{modality} ids")
-                clash = self._existing(ids)
-                if clash.size:
-                    raise ValueError(f"ids already in the memory: {clash[:10].tolist()}.")
-                self._raise_mark(int(ids.max()) + 1)
-            self._insert_all_or_nothing(_rows(ids, emb, labels, modality, metadata), ids)
+            clash = self._existing(explicit)
+            if clash.size:
+                raise ValueError(f"ids already in the memory: {clash[:10].tolist()}.")
+            if explicit.size:
+                self._raise_mark(int(explicit.max()) + 1)
+            ids = [p[1] if p[1] is not None else self._reserve_ids(len(p[2])) for p in parts]
+            n_calls = sum(-(-len(i) // self.batch_size) for i in ids)
+            batch = self._log.begin(n_calls + 2 * (-(-explicit.size // self.batch_size)))
+            settled, committing = True, False
+            try:
+                with tqdm(total=n_rows, desc="writing", unit="item", disable=not verbose) as bar:
+                    for (modality, _, emb, labels, metadata), part_ids in zip(parts, ids):
+                        rows = _rows(part_ids, emb, labels, modality, metadata, batch)
+                        for start in range(0, len(rows), self.batch_size):
+                            chunk = rows[start:start + self.batch_size]
+                            settled = False
+                            self._call("insert", self._client().insert, self.collection, chunk)
+                            settled = True
+                            bar.update(len(chunk))
+                if explicit.size:
+                    self._claim(explicit, batch)
+                committing = True
+                self._log.commit(batch)
+            except BaseException as exc:
+                self._counts = None
+                if not committing:
+                    try:
+                        self._log.roll_back(batch, settled=settled)
+                    except Exception as undo:
+                        add_note(exc, 
+                            f"Rolling the write back failed too ({undo}): its rows stay "
+                            "hidden (the write never committed); the next write or "
+                            "recover() deletes them.")
+                raise
             if self._counts is not None:
-                bucket = self._counts[modality]
-                for label, count in zip(*np.unique(labels, return_counts=True)):
-                    bucket[label.item()] = bucket.get(label.item(), 0) + int(count)
-        return ids
+                for (modality, _, _, labels, _) in parts:
+                    bucket = self._counts[modality]
+                    for label, count in zip(*np.unique(labels, return_counts=True)):
+                        bucket[label.item()] = bucket.get(label.item(), 0) + int(count)
+        return np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
+
+    def _claim(self, ids, batch):
+        """Make sure no other write holds `ids`: of two writes adding the same ids, one wins.
+
+        Called after this batch's rows are in, before it commits. A write
+        that sees another's rows with the same ids loses if that write
+        committed or is older (a smaller batch number), and waits while it is
+        newer: a newer write either saw this one's rows (and loses) or
+        commits first (and this one loses). Reads are linearizable ("Strong"),
+        so at least one of two such writes sees the other.
+        """
+        client = self._client()
+        give_up = time.monotonic() + max(10 * self.timeout, 60.0)
+        while True:
+            records = self._log.records()  # before the rows: see _Records.state
+            rivals = {}
+            for start in range(0, ids.size, self.batch_size):
+                chunk = ids[start:start + self.batch_size].tolist()
+                for row in self._call("query", client.query, self.collection,
+                                      filter=f"id in {chunk} and batch != {batch}",
+                                      output_fields=["id", "batch"],
+                                      consistency_level="Strong"):
+                    rivals.setdefault(row["batch"], []).append(row["id"])
+            if not rivals:
+                return
+            states = {b: records.state(b) for b in rivals}
+            held = sorted(i for b, s in states.items() if s == COMMITTED for i in rivals[b])
+            if held:
+                raise ValueError(f"ids already in the memory: {held[:10]}.")
+            older = sorted(i for b, s in states.items() if s == OPEN and b < batch
+                           for i in rivals[b])
+            if older:
+                raise ValueError("ids being added by another client at the same time: "
+                                 f"{older[:10]}.")
+            if not any(s == OPEN for s in states.values()):
+                return
+            if time.monotonic() > give_up:
+                raise ValueError("ids being added by another client that has not finished "
+                                 f"since {max(10 * self.timeout, 60.0)} s: "
+                                 f"{sorted(i for r in rivals.values() for i in r)[:10]}.")
+            self._log._roll_back_dead(records, force=False)
+            time.sleep(_CLAIM_POLL)
 
     def remove(self, ids):
-        """Delete the items `ids`; return self.
+        """Delete the items `ids` with one delete request; return self.
 
         Ids are integers (a TypeError otherwise); a ValueError names unknown
-        ids, and nothing is deleted then.
+        ids, and nothing is deleted then. Exact and immediate: the next
+        search of any client no longer finds them. Two clients removing the
+        same ids at once both succeed, with the same end state.
         """
         ids = check_item_ids(ids)
         with self._lock:
             rows = self.get(ids, ("label", "modality"))
-            client = self._client()
-            for start in range(0, ids.size, self.batch_size):
-                self._call("delete", client.delete, self.collection,
-                           ids=ids[start:start + self.batch_size].tolist())
+            try:
+                self._call("delete", self._client().delete, self.collection,
+                           filter=f"id in {np.unique(ids).tolist()}")
+            except BaseException:
+                self._counts = None
+                raise
             if self._counts is not None:
                 names = {code: m for m, code in MODALITY_CODES.items()}
                 for row in rows:
@@ -596,8 +723,36 @@ class MilvusMemory:
                         del bucket[row["label"]]
         return self
 
+    def recover(self, force=False):
+        """Roll back the writes of clients that died, and delete their hidden rows.
+
+        A write's rows are never visible before it commits, so a crashed
+        write is already invisible; this also deletes its rows. Every write
+        does it first for the writers it knows are dead: those of this
+        machine whose process is gone (and, for Milvus Lite, of any other
+        process), and those past their lease (a deadline set by the writer).
+
+        Parameters
+        ----------
+        force : bool, default=False
+            Also roll back the open writes of other clients that may still be
+            running: only when none is.
+
+        Returns
+        -------
+        dict
+            ``{"rolled_back": [...], "rows_removed": n}``: the writes rolled
+            back now (their batch numbers) and the hidden rows deleted.
+        """
+        with self._lock:
+            rolled, removed = self._log.recover(force=force)
+            self._counts = None
+        return {"rolled_back": [int(b) for b in rolled], "rows_removed": int(removed)}
+
     def _existing(self, ids):
-        return np.asarray(sorted(self._rows_by_id(ids, ["id"])), dtype=np.int64)
+        if not len(ids):
+            return np.empty(0, dtype=np.int64)
+        return np.asarray(sorted(self._rows_by_id(ids, [])), dtype=np.int64)
 
     def _reserve_ids(self, n):
         """The next `n` ids of the high-water mark; no other client can get them.
@@ -606,12 +761,14 @@ class MilvusMemory:
         good; the id is the id base plus the key's rank among all keys (see
         Notes of :class:`MilvusMemory`).
         """
+        if not n:
+            return np.empty(0, dtype=np.int64)
         client = self._client()
         name = self.collection + _ALLOCATOR_SUFFIX
         keys = []
         for start in range(0, n, self.batch_size):
             size = min(self.batch_size, n - start)
-            result = self._call("insert", client.insert, name, [{"slot": [0.0, 1.0]}] * size)
+            result = self._call("reserve ids", client.insert, name, [{"slot": [0.0, 1.0]}] * size)
             keys.extend(result["ids"])
         keys = np.sort(np.asarray(keys, dtype=np.int64))
         first, last = int(keys[0]), int(keys[-1])
@@ -619,7 +776,7 @@ class MilvusMemory:
         if self._count(name, f"id >= {first} and id <= {last}") != n:
             # Another client's keys fall between ours: rank ours among them.
             span = np.sort(np.asarray([row["id"] for page in self._scan_collection(
-                name, [], f"id >= {first} and id <= {last}") for row in page],
+                name, ["id"], f"id >= {first} and id <= {last}") for row in page],
                 dtype=np.int64))
             ranks = ranks[0] + np.searchsorted(span, keys)
         if self._id_base + int(ranks[-1]) < self._id_base:
@@ -637,38 +794,23 @@ class MilvusMemory:
         if gap > 0:
             self._reserve_ids(gap)
 
-    def _insert_all_or_nothing(self, rows, ids):
-        client = self._client()
-        done = 0
-        try:
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start:start + self.batch_size]
-                self._call("insert", client.insert, self.collection, batch)
-                done += len(batch)
-        except BaseException:
-            if done:
-                client.delete(self.collection, ids=np.asarray(ids[:done]).tolist())
-            raise
+    def expand(self, memory, *, reassign_ids=False, verbose=0):
+        """Insert every item of the in-RAM `memory` (both modalities) as one write.
 
-    def expand(self, memory, *, reassign_ids=False):
-        """Insert every item of the in-RAM `memory` (both modalities); return their ids.
-
-        Ids are kept (a clash is a ValueError, and nothing is inserted), or
-        with `reassign_ids` new ones are reserved (images first).
+        Returns their ids. Ids are kept (a clash is a ValueError, and nothing
+        is inserted), or with `reassign_ids` new ones are reserved (images
+        first).
         """
-        if not reassign_ids:
-            clash = self._existing(memory.ids)
-            if clash.size:
-                raise ValueError(f"ids already in the memory: {clash[:10].tolist()}; pass "
-                                 "reassign_ids=True to renumber the added items.")
-        added = [np.empty(0, dtype=np.int64)]
-        for modality in MODALITY_CODES:
-            bank = memory.bank(modality)
-            if len(bank):
-                added.append(self.add(bank.embeddings, bank.labels, modality=modality,
-                                      ids=None if reassign_ids else bank.ids,
-                                      metadata=bank.metadata))
-        return np.concatenate(added)
+        parts = [self._part(bank.embeddings, bank.labels, None if reassign_ids else bank.ids,
+                            bank.metadata, modality)
+                 for modality in MODALITY_CODES if len(bank := memory.bank(modality))]
+        try:
+            return self._write(parts, verbose=verbose)
+        except ValueError as exc:
+            if not reassign_ids and "already in the memory" in str(exc):
+                raise ValueError(f"{exc} Pass reassign_ids=True to renumber the added "
+                                 "items.") from None
+            raise
 
     # -- the classifiers' interface ------------------------------------------------------
 
@@ -702,7 +844,8 @@ class MilvusMemory:
         self.__dict__.update(state)
         self._token, self._lock, self._client_ = None, threading.RLock(), None
 
-    _DESCRIBED = frozenset({"n_features", "index_type", "_label_kind", "_id_base", "_counts"})
+    _DESCRIBED = frozenset({"n_features", "index_type", "_label_kind", "_id_base", "_counts",
+                            "_log"})
 
     def __getattr__(self, name):
         # Only reached for attributes not yet set: the layout of an unpickled handle.

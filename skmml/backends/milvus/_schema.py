@@ -18,6 +18,8 @@ MAX_TOP_K = 16384
 #: Longest string label a collection stores.
 MAX_LABEL_LENGTH = 1024
 _FORMAT = "skmml.MilvusMemory"
+#: Layout of the collections; version 2 added the commit log and row keys.
+LAYOUT_VERSION = 2
 _ALLOCATOR_SUFFIX = "__skmml_ids"
 #: Most ids by which explicit ids may move the high-water mark in one call.
 _MAX_MARK_JUMP = 2**20
@@ -25,11 +27,22 @@ _MAX_MARK_JUMP = 2**20
 _LAYOUT_KEY = "skmml.layout"
 
 
-def _create_collection(client, name, dim, labels_kind, id_base, index_type, index_params):
+def _create_collection(client, name, dim, labels_kind, id_base, index_type, index_params,
+                       timeout):
+    """Create the memory's collection and its two companions (ids, commit log).
+
+    Rows are immutable records with a Milvus-generated key: the item's id is
+    a field, and ``batch`` names the write that inserted the row, visible
+    once the commit log says it committed (see :mod:`._log`).
+    """
+    from ._log import create_log
+
     pymilvus = _pymilvus()
     DataType = pymilvus.DataType
-    schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    schema.add_field("key", DataType.INT64, is_primary=True)
+    schema.add_field("id", DataType.INT64)
+    schema.add_field("batch", DataType.INT64)
     schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
     if labels_kind == "integer":
         schema.add_field("label", DataType.INT64)
@@ -40,16 +53,20 @@ def _create_collection(client, name, dim, labels_kind, id_base, index_type, inde
     index = client.prepare_index_params()
     index.add_index("embedding", index_type=index_type, metric_type="IP",
                     params=index_params)
-    layout = {"format": _FORMAT, "labels": labels_kind, "id_base": id_base}
+    layout = {"format": _FORMAT, "version": LAYOUT_VERSION, "labels": labels_kind,
+              "id_base": id_base}
+    # One shard: every write is one message stream, applied in order.
     client.create_collection(name, schema=schema, index_params=index,
-                             consistency_level="Strong",
+                             consistency_level="Strong", num_shards=1, timeout=timeout,
                              properties={_LAYOUT_KEY: json.dumps(layout)})
     allocator = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
     allocator.add_field("id", DataType.INT64, is_primary=True)
     allocator.add_field("slot", DataType.FLOAT_VECTOR, dim=2)
     index = client.prepare_index_params()
     index.add_index("slot", index_type="FLAT", metric_type="IP")
-    client.create_collection(name + _ALLOCATOR_SUFFIX, schema=allocator, index_params=index)
+    client.create_collection(name + _ALLOCATOR_SUFFIX, schema=allocator, index_params=index,
+                             num_shards=1, timeout=timeout)
+    create_log(client, name, timeout)
 
 
 def _metadata_frame(rows):
@@ -85,11 +102,11 @@ def _classes(counts, kind):
         0, dtype=np.int64 if kind == "integer" else "<U1")
 
 
-def _rows(ids, embeddings, labels, modality, metadata):
-    """Rows for ``client.insert``: a list of dicts (pymilvus takes no column dict)."""
+def _rows(ids, embeddings, labels, modality, metadata, batch):
+    """Rows for ``client.insert``, written by `batch`: a list of dicts (no column dict)."""
     records = (json.loads(metadata.to_json(orient="records")) if metadata.shape[1]
                else [{}] * len(ids))
     code = MODALITY_CODES[modality]
-    return [{"id": int(i), "embedding": e, "label": label.item(), "modality": code,
-             "metadata": m}
+    return [{"id": int(i), "batch": batch, "embedding": e, "label": label.item(),
+             "modality": code, "metadata": m}
             for i, e, label, m in zip(ids, embeddings, np.asarray(labels), records)]
