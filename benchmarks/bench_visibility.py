@@ -14,7 +14,7 @@ and on the real Milvus 2.3.5 server (``tests/_local_milvus.py``), exact
 - ``skmml``: ``MilvusMemory.search``, i.e. one read of the log, then the
   filtered search (the whole cost a user sees).
 
-Each is timed batched (1,000 queries a call) and single-query (200 calls),
+Each is timed batched (1,000 queries a call) and single-query (50 calls),
 once with a clean log and once while another write is open (then the
 filter also excludes that batch: ``not in [...]``).
 
@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 N, D, K = 50_000, 128, 32
-N_BATCH, N_SINGLE, REPEATS = 1000, 200, 3
+N_BATCH, N_SINGLE, REPEATS = 1000, 50, 3
 
 
 def _unit(a):
@@ -63,18 +63,20 @@ def measure(mm, Q, label):
         "filter": lambda q: raw(q, visible),
         "skmml": lambda q: mm.search(q, K),
     }
-    # Same neighbors all three ways (the filter hides nothing committed).
+    # The filter hides exactly the uncommitted rows; skmml's search is the filtered one.
     ids = {name: np.sort([[h["entity"]["id"] for h in row] for row in raw(Q[:20], where)], 1)
            for name, where in (("plain", modality), ("filter", visible))}
-    assert np.array_equal(ids["plain"], ids["filter"])
-    assert np.array_equal(np.sort(mm.search(Q[:20], K)[1], 1), ids["plain"])
+    assert np.array_equal(np.sort(mm.search(Q[:20], K)[1], 1), ids["filter"])
+    uncommitted = int((ids["plain"] >= 10**9).sum())
+    assert (ids["filter"] < 10**9).all()
     best = {name: [0.0, 0.0] for name in ways}
     for _ in range(REPEATS):
         for name, way in ways.items():  # interleaved
             batched = _timed(lambda: way(Q[:N_BATCH]), N_BATCH)
             single = _timed(lambda: [way(Q[i:i + 1]) for i in range(N_SINGLE)], N_SINGLE)
             best[name] = [max(best[name][0], batched), max(best[name][1], single)]
-    print(f"\n{label}  (filter: {visible!r})")
+    print(f"\n{label}  (filter: {visible!r}; uncommitted rows among the plain search's "
+          f"neighbors of 20 queries: {uncommitted})")
     print(f"{'':8s} {'batched q/s':>12s} {'ratio':>6s} {'single q/s':>11s} {'ratio':>6s}")
     for name, (batched, single) in best.items():
         print(f"{name:8s} {batched:12.0f} {batched / best['plain'][0]:6.2f} "

@@ -11,11 +11,13 @@ connection description, and pruning counts of the items that have one).
 Needs ``pip install "skmml[milvus]"`` (pymilvus and milvus-lite).
 """
 
+import functools
 import json
 import threading
 import time
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,12 @@ from ._schema import (_ALLOCATOR_SUFFIX, _FORMAT, _LAYOUT_KEY, _MAX_MARK_JUMP, C
 
 #: Seconds between looks at the log while a concurrent write of the same ids finishes.
 _CLAIM_POLL = 0.05
+
+
+@functools.cache
+def _log_reader():
+    """Threads that read commit logs while a search runs (see MilvusMemory._on_snapshot)."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="skmml-milvus-log")
 
 class MilvusMemory:
     """A memory held in a Milvus collection: a handle on shared, mutable state.
@@ -237,6 +245,7 @@ class MilvusMemory:
             self._call("load_collection", client.load_collection, name)
         self._log = CommitLog(self)
         self._counts = None
+        self._snapshot = None
 
     # -- creating ------------------------------------------------------------------------
 
@@ -509,29 +518,34 @@ class MilvusMemory:
             raise ValueError(f"Dimension mismatch: queries have dimension {queries.shape[1]}, "
                              f"{self._where()} holds {self.n_features}-dimensional embeddings.")
         n = queries.shape[0]
-        sims = np.full((n, k), -np.inf, dtype=np.float32)
-        ids = np.full((n, k), -1, dtype=np.int64)
-        labels = np.empty((n, k), dtype=object)
-        out = np.zeros((n, k, self.n_features), dtype=np.float32) if vectors else None
         fields = ["id", "label", "embedding"] if vectors else ["id", "label"]
         client = self._client()
-        where = self._log.snapshot().where(f"modality == {MODALITY_CODES[modality]}")
         params = {"metric_type": "IP", "params": self.search_params}
         block = max(1, min(1024, (1 << 20) // max(k, 1)))
-        with tqdm(total=n, desc="searching", unit="query", disable=not verbose) as bar:
-            for start in range(0, n, block):
-                hits = self._call(
-                    "search", client.search, self.collection,
-                    data=queries[start:start + block], limit=k,
-                    filter=where, output_fields=fields,
-                    search_params=params, consistency_level=self.consistency)
-                for i, row in enumerate(hits, start):
-                    for j, hit in enumerate(row):
-                        sims[i, j], ids[i, j] = hit["distance"], hit["entity"]["id"]
-                        labels[i, j] = hit["entity"]["label"]
-                        if vectors:
-                            out[i, j] = hit["entity"]["embedding"]
-                bar.update(len(hits))
+
+        def run(snapshot):
+            sims = np.full((n, k), -np.inf, dtype=np.float32)
+            ids = np.full((n, k), -1, dtype=np.int64)
+            labels = np.empty((n, k), dtype=object)
+            out = np.zeros((n, k, self.n_features), dtype=np.float32) if vectors else None
+            where = snapshot.where(f"modality == {MODALITY_CODES[modality]}")
+            with tqdm(total=n, desc="searching", unit="query", disable=not verbose) as bar:
+                for start in range(0, n, block):
+                    hits = self._call(
+                        "search", client.search, self.collection,
+                        data=queries[start:start + block], limit=k,
+                        filter=where, output_fields=fields,
+                        search_params=params, consistency_level=self.consistency)
+                    for i, row in enumerate(hits, start):
+                        for j, hit in enumerate(row):
+                            sims[i, j], ids[i, j] = hit["distance"], hit["entity"]["id"]
+                            labels[i, j] = hit["entity"]["label"]
+                            if vectors:
+                                out[i, j] = hit["entity"]["embedding"]
+                    bar.update(len(hits))
+            return sims, ids, labels, out
+
+        sims, ids, labels, out = self._on_snapshot(run)
         order = tie_order(sims, ids)  # equal similarities: the lower id first
         sims = np.take_along_axis(sims, order, axis=1)
         ids = np.take_along_axis(ids, order, axis=1)
@@ -540,6 +554,27 @@ class MilvusMemory:
         if vectors:
             return sims, ids, labels, out[np.arange(n)[:, None], order]
         return sims, ids, labels
+
+    def _on_snapshot(self, run):
+        """``run(snapshot)`` on the memory's current snapshot, in about one round trip.
+
+        Runs on the snapshot this handle saw last while the log is read
+        again; if the log changed meanwhile, runs again on the new one. When
+        the two agree, the answer is exactly that of the snapshot just read:
+        a batch committed or rolled back before the read would have changed it.
+        """
+        cached = self._snapshot
+        if cached is None:
+            snapshot = self._log.snapshot()
+            result = run(snapshot)
+        else:
+            reading = _log_reader().submit(self._log.snapshot)
+            result = run(cached)  # if it fails, the read finishes on its own
+            snapshot = reading.result()
+            if snapshot != cached:
+                result = run(snapshot)
+        self._snapshot = snapshot
+        return result
 
     def get(self, ids, fields=("label", "metadata")):
         """Rows of the items `ids`, in that order (a ValueError names unknown ids)."""
@@ -845,7 +880,7 @@ class MilvusMemory:
         self._token, self._lock, self._client_ = None, threading.RLock(), None
 
     _DESCRIBED = frozenset({"n_features", "index_type", "_label_kind", "_id_base", "_counts",
-                            "_log"})
+                            "_log", "_snapshot"})
 
     def __getattr__(self, name):
         # Only reached for attributes not yet set: the layout of an unpickled handle.
