@@ -94,6 +94,15 @@ def _disconnect(uri, client):
             _LITE_HANDLES[uri] = left
             return
         _LITE_HANDLES.pop(uri, None)
+    # In a thread of its own: Lite's gRPC server waits for a request still running
+    # (one its client gave up on at the timeout) before it stops, and this must not.
+    stopper = threading.Thread(target=_release_lite, args=(uri,), daemon=True,
+                               name="skmml-milvus-lite-release")
+    stopper.start()
+    stopper.join(timeout=5)
+
+
+def _release_lite(uri):
     try:
         from milvus_lite.server_manager import server_manager_instance
 
