@@ -250,6 +250,21 @@ def test_a_lite_client_killed_mid_batch_leaves_nothing_visible(tmp_path):
     mm.close()
 
 
+def test_a_commit_log_too_long_to_read_whole_is_an_error_not_a_wrong_snapshot(
+        tmp_path, monkeypatch):
+    import skmml.backends.milvus._log as log
+
+    X, y = _data(50)
+    mm = MilvusMemory.from_memory(Memory(X, y), uri=str(tmp_path / "m.db"), collection="log")
+    mm.add(X[:2], y[:2])
+    monkeypatch.setattr(log, "_MAX_RECORDS", 1)
+    with pytest.raises(RuntimeError, match="commit log .* holds 1 records or more"):
+        mm.search(X[:1] / np.linalg.norm(X[:1]), 3)
+    monkeypatch.undo()
+    assert mm.n_items() == 52
+    mm.close()
+
+
 def test_no_finalizer_raises_at_exit_after_a_chdir(tmp_path):
     script = textwrap.dedent("""
         import os, sys

@@ -125,6 +125,11 @@ class CommitLog:
                                  filter="state >= 0", limit=_MAX_RECORDS,
                                  output_fields=["batch", "state", "deadline", "owner"],
                                  consistency_level="Strong")
+        if len(rows) >= _MAX_RECORDS:  # a truncated log would give a wrong snapshot
+            raise RuntimeError(
+                f"The commit log of {self.memory._where()} holds {_MAX_RECORDS} records or "
+                "more (writes that failed while the server was unreachable); call recover() "
+                "with no writer running, or re-import the memory.")
         return _Records(rows)
 
     def snapshot(self):
