@@ -1,8 +1,10 @@
 """Input checks and L2 normalisation shared by the memory and the estimators."""
 
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.utils import check_array
 
 # Rows whose norm is this close to 1 are taken as already normalised: they are
@@ -71,8 +73,8 @@ def l2_normalize(X):
     do not overflow to zero and rows of norm 1e-30 do not underflow and stay
     unnormalised (float32 squares overflow above about 1.8e19 and underflow
     below about 1e-19). All-zero rows stay zero (their cosine similarity to
-    everything is 0), as in :func:`sklearn.preprocessing.normalize`; a memory
-    refuses them (:func:`check_nonzero_rows`).
+    everything is 0), as in :func:`sklearn.preprocessing.normalize`
+    (:func:`warn_zero_rows` says so).
     """
     with np.errstate(over="ignore", under="ignore"):
         norms = np.sqrt(np.einsum("ij,ij->i", X, X))
@@ -89,15 +91,64 @@ def l2_normalize(X):
     return out
 
 
-def check_nonzero_rows(X, *, name="embeddings"):
-    """Raise a ValueError naming the rows of `X` that are all zero (no direction)."""
+class ZeroEmbeddingWarning(UserWarning):
+    """An all-zero embedding: it has no direction, so its similarity to everything is 0."""
+
+
+def warn_zero_rows(X, *, name="embeddings"):
+    """Warn, naming the rows of `X` that are all zero; they are kept.
+
+    As in :func:`sklearn.metrics.pairwise.cosine_similarity`, an all-zero
+    row (an empty TF-IDF document, a blank image's features) has cosine
+    similarity 0 to every vector: in the memory it is never nearer than
+    another item, and as a query all its neighbors tie.
+    """
     zero = ~np.any(X, axis=1)
     if zero.any():
         rows = np.flatnonzero(zero)
-        raise ValueError(
+        warnings.warn(
             f"{name} has {rows.size} all-zero rows (e.g. row {rows[0]}): an all-zero "
-            "embedding has no direction, so it cannot be normalised or retrieved."
-        )
+            "embedding has no direction, so its cosine similarity to everything is 0.",
+            ZeroEmbeddingWarning, stacklevel=3)
+
+
+#: Rows of a sparse matrix converted to dense at a time (bounds the float32 temporary).
+_DENSE_BLOCK = 4096
+
+
+def densified(X):
+    """`X` as a dense C-contiguous float32 array; a sparse `X` is converted in blocks.
+
+    The memory and the searches work on dense rows: a sparse input costs
+    ``n_samples * n_features * 4`` bytes once densified, converted
+    :data:`_DENSE_BLOCK` rows at a time so that no dense copy in another
+    dtype is ever made.
+    """
+    if not sp.issparse(X):
+        return X
+    X = X.tocsr()
+    out = np.empty(X.shape, dtype=np.float32)
+    for start in range(0, X.shape[0], _DENSE_BLOCK):
+        out[start:start + _DENSE_BLOCK] = X[start:start + _DENSE_BLOCK].toarray()
+    return out
+
+
+#: Sparse formats taken as they are; any other is converted to CSR first (then densified).
+SPARSE_FORMATS = ("csr", "csc", "coo")
+
+
+def sources_of(X):
+    """The file paths an encoder embedded `X` from, or None.
+
+    Image encoders return :class:`~skmml.encoders.Embeddings`, an ndarray
+    that carries its items' paths in ``sources``; a classifier reads them
+    before validation turns `X` into a plain array, and keeps them as the
+    ``source`` metadata of the items it adds to its memory.
+    """
+    sources = getattr(X, "sources", None)
+    if sources is None or len(sources) != np.shape(X)[0]:
+        return None
+    return list(sources)
 
 
 def check_labels(labels, n, *, name="labels"):

@@ -25,8 +25,9 @@ import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._state import writer_lock
-from ._validation import check_item_ids, l2_normalize
+from ._state import validate_aside, writer_lock
+from ._validation import (SPARSE_FORMATS, check_item_ids, densified, l2_normalize,
+                          sources_of, warn_zero_rows)
 from .backends import as_backend, check_memory
 from .memory import Memory
 from .retrieval import NeighborIndex
@@ -35,6 +36,14 @@ from .retrieval import NeighborIndex
 EXPLAIN_COLUMNS = ("query", "modality", "rank", "id", "label", "similarity", "weight")
 
 SET_MEMORY_MODES = ("replace", "expand")
+
+#: How every classifier checks its ``X``: float32 rows, sparse matrices accepted.
+_X_CHECKS = {"dtype": np.float32, "order": "C", "accept_sparse": SPARSE_FORMATS}
+
+
+def source_metadata(sources):
+    """The item metadata that records `sources` (file paths), or None without them."""
+    return None if sources is None else pd.DataFrame({"source": sources})
 
 
 class BaseMemoryClassifier(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
@@ -87,15 +96,42 @@ class BaseMemoryClassifier(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         check_is_fitted(self, self._fitted_attribute)
         return self._state
 
+    def _fit_input(self, X, y=None):
+        """Input of a fit, validated aside (see :func:`~skmml._state.validate_aside`).
+
+        Returns ``(X, y, input_metadata, sources)``: `X` dense float32 (a
+        sparse `X` densified), and the file paths `X` was encoded from, if
+        any (:func:`~skmml._validation.sources_of`).
+        """
+        sources = sources_of(X)
+        if y is None:
+            X, metadata = validate_aside(self, X, **_X_CHECKS)
+        else:
+            (X, y), metadata = validate_aside(self, X, y, **_X_CHECKS)
+        return densified(X), y, metadata, sources
+
+    def _more_input(self, X, y=None):
+        """Input of a fitted estimator, checked against the fit's: ``(X, y, sources)``."""
+        sources = sources_of(X)
+        if y is None:
+            X = validate_data(self, X, reset=False, **_X_CHECKS)
+        else:
+            X, y = validate_data(self, X, y, reset=False, **_X_CHECKS)
+        return densified(X), y, sources
+
     def _snapshot(self, X):
-        """(state, unit queries): one published state for the whole read, and `X` checked."""
+        """(state, unit queries): one published state for the whole read, and `X` checked.
+
+        All-zero queries are kept (similarity 0 to every item) with a warning.
+        """
         check_is_fitted(self, self._fitted_attribute)
-        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        X = self._more_input(X)[0]
         state = self._state
         if X.shape[1] != state.backend.n_features:
             # A memory of another width was published after validation: the
             # read sees the new memory, so it fails as it would have after.
             validate_data(self, X, reset=False)
+        warn_zero_rows(X, name="X")
         return state, l2_normalize(X)
 
     # -- changing the memory -------------------------------------------------------------
@@ -198,6 +234,13 @@ class BaseMemoryClassifier(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         })
         metadata = backend.metadata(keys, modality)
         return pd.concat([table, metadata], axis=1) if metadata.shape[1] else table
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # densified on the way in (see _fit_input)
+        tags.input_tags.allow_nan = False
+        tags.classifier_tags.multi_label = False
+        return tags
 
     # -- pickling ------------------------------------------------------------------------
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,3 +91,42 @@ def test_a_single_image_per_class_is_one_item():
     memory = build_memory({"a": rgb, "b": rgb + 9, "c": [rgb, rgb]},
                           image_encoder=IMAGE)
     assert memory.counts()["image"].tolist() == [1, 1, 2]
+
+
+def _read(paths):
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p), dtype=np.float32).ravel() for p in paths])
+
+
+def _save(path, seed):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(1, 255, (4, 4), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_from_folder_walks_nested_class_folders(tmp_path):
+    for seed, name in enumerate(["cat/b.png", "cat/indoor/a.png", "cat/indoor/deep/c.PNG",
+                                 "cat/a.png", "dog/x/y/z.jpg", "cat/.cache/hidden.png",
+                                 ".ipynb_checkpoints/old.png"]):
+        _save(tmp_path / name, seed)
+    memory = Memory.from_folder(tmp_path, FunctionTransformer(_read))
+    relative = [str(Path(s).relative_to(tmp_path).as_posix())
+                for s in memory.image.metadata["source"]]
+    # Sorted by path within each class folder; the class is the top-level folder.
+    assert relative == ["cat/a.png", "cat/b.png", "cat/indoor/a.png", "cat/indoor/deep/c.PNG",
+                        "dog/x/y/z.jpg"]
+    assert list(memory.image.labels) == ["cat"] * 4 + ["dog"]
+
+
+def test_from_folder_loose_files_in_root(tmp_path):
+    _save(tmp_path / "loose.png", 0)
+    _save(tmp_path / "also.jpg", 1)
+    with pytest.raises(ValueError, match=r"2 image files directly in .*expected root/<class>/"):
+        Memory.from_folder(tmp_path, FunctionTransformer(_read))
+    _save(tmp_path / "cat" / "a.png", 2)
+    with pytest.warns(UserWarning, match="2 image files directly in .* are ignored"):
+        memory = Memory.from_folder(tmp_path, FunctionTransformer(_read))
+    assert list(memory.image.labels) == ["cat"]

@@ -16,13 +16,8 @@ def _letter_counts(texts):
 _FIXED_DIM = ("fit needs X's width to equal the text encoder's embedding dimension (4); "
               "the check's X has another width")
 
-_ZERO_ROWS = ("the check casts random data to integers, which makes all-zero rows, and a "
-              "memory refuses rows with no direction (a clear ValueError)")
-
 # Expected failures, each with its reason.
 EXPECTED_FAILED_CHECKS = {
-    "KNNVoteClassifier": {"check_estimators_dtypes": _ZERO_ROWS},
-    "MemoryModularClassifier": {"check_estimators_dtypes": _ZERO_ROWS},
     "ZeroShotCLIPClassifier": dict.fromkeys([
         "check_classifier_data_not_an_array", "check_classifiers_classes",
         "check_classifiers_one_label", "check_classifiers_train",

@@ -22,6 +22,15 @@ def image_encoder(tiny_clip):
 
 
 @pytest.fixture
+def disk_cache_only():
+    """The on-disk cache alone answers: the in-process one is off for the test."""
+    limit = encoders.embedding_cache_info()["max_bytes"]
+    encoders.set_embedding_cache(0)
+    yield
+    encoders.set_embedding_cache(limit)
+
+
+@pytest.fixture
 def files(image_folder):
     return sorted(str(p) for p in image_folder.glob("*/*.png"))
 
@@ -102,7 +111,8 @@ def test_cache_reuses_embeddings_until_the_file_changes(image_encoder, files, tm
     calls = []
     real = encoders._ImageEncoder._encode
     monkeypatch.setattr(encoders._ImageEncoder, "_encode",
-                        lambda self, items: calls.append(len(items)) or real(self, items))
+                        lambda self, items, *at: calls.append(len(items)) or real(self, items))
+    encoders.clear_embedding_cache()  # the disk cache answers, not the process's
     again = encoder.transform([str(copy), files[5], np.zeros((8, 8), np.uint8)])
     np.testing.assert_allclose(again, first, atol=1e-6)
     assert calls == [1]  # only the array is encoded again
@@ -215,6 +225,7 @@ def test_timm_encoder_with_real_pretrained_weights():
     assert within > across
 
 
+@pytest.mark.usefixtures("disk_cache_only")
 def test_cache_follows_the_weights_file_and_survives_a_corrupt_entry(tiny_clip, files,
                                                                       tmp_path):
     import torch
@@ -284,6 +295,7 @@ def test_lower_precision_gives_float32_close_to_fp32(tiny_clip, files):
     assert np.min(np.sum(half * full, axis=1)) > 0.99
 
 
+@pytest.mark.usefixtures("disk_cache_only")
 def test_cache_recomputes_every_kind_of_corrupt_entry(tiny_clip, files, tmp_path):
     name, checkpoint = tiny_clip
     encoder = CLIPImageEncoder(name, pretrained=checkpoint, device="cpu",

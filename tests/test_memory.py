@@ -48,9 +48,12 @@ def test_unit_norm_float32_input_is_kept_without_copy():
     assert np.shares_memory(memory.image.embeddings, X)
 
 
-def test_all_zero_rows_are_an_error_and_queries_of_zeros_stay_zero():
-    with pytest.raises(ValueError, match="image embeddings has 1 all-zero rows .*row 0"):
-        Memory(np.array([[0.0, 0.0], [3.0, 4.0]]), [0, 1])
+def test_all_zero_rows_are_kept_with_a_warning_and_queries_of_zeros_stay_zero():
+    from skmml._validation import ZeroEmbeddingWarning
+
+    with pytest.warns(ZeroEmbeddingWarning, match="image embeddings has 1 all-zero rows .*row 0"):
+        memory = Memory(np.array([[0.0, 0.0], [3.0, 4.0]]), [0, 1])
+    np.testing.assert_array_equal(memory.image.embeddings[0], [0, 0])
     from skmml._validation import l2_normalize
 
     q = l2_normalize(np.float32([[0, 0], [3, 4]]))
@@ -315,8 +318,8 @@ def _malformed(arrays):
         "NaN embeddings": npz(image_embeddings=np.where(np.eye(6, 4, dtype=bool), np.nan,
                                                         emb).astype(np.float32)),
         "non-unit embeddings": npz(image_embeddings=emb * np.float32(2)),
-        "all-zero row": npz(image_embeddings=np.vstack([np.zeros((1, 4), np.float32),
-                                                         emb[1:]])),
+        "a row neither unit nor zero": npz(image_embeddings=np.vstack(
+            [np.full((1, 4), 0.1, np.float32), emb[1:]])),
         "float64 embeddings": npz(image_embeddings=emb.astype(np.float64)),
         "1-D embeddings": npz(image_embeddings=emb.ravel()),
         "duplicate ids": npz(image_ids=np.array([0, 1, 2, 3, 4, 4])),

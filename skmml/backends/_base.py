@@ -116,8 +116,11 @@ class MemoryBackend(abc.ABC):
         """{modality: items left} after removing `ids`; a ValueError names unknown ids."""
 
     @abc.abstractmethod
-    def add(self, X, y, ids=None):
-        """(backend, ids): image items added; without `ids`, ids from the high-water mark."""
+    def add(self, X, y, ids=None, metadata=None):
+        """(backend, ids): image items added; without `ids`, ids from the high-water mark.
+
+        `metadata`: a DataFrame (or dict of columns) with one row per item, or None.
+        """
 
     @abc.abstractmethod
     def expand(self, memory, reassign_ids=False):

@@ -136,8 +136,8 @@ class LocalBackend(MemoryBackend):
             indexes[modality] = index if new is old else changed(index, old, new)
         return LocalBackend(memory, _fresh(self._spec), self.modalities, False, indexes)
 
-    def add(self, X, y, ids=None):
-        memory = self.memory.add(X, y, ids=ids)
+    def add(self, X, y, ids=None, metadata=None):
+        memory = self.memory.add(X, y, ids=ids, metadata=metadata)
         # The ids Memory.add gave, without materialising the bank's id array.
         start = self.memory.next_id
         given = np.arange(start, start + X.shape[0]) if ids is None else np.asarray(ids)

@@ -14,6 +14,7 @@ configuration.
 
 import hashlib
 import os
+from collections import OrderedDict
 import pickle
 import socket
 import tempfile
@@ -28,8 +29,10 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from tqdm.auto import tqdm
 
 from .._validation import resolve_device
+from ._embeddings import Embeddings
 
-__all__ = ["CLIPImageEncoder", "CLIPTextEncoder", "TimmImageEncoder", "clear_model_cache"]
+__all__ = ["CLIPImageEncoder", "CLIPTextEncoder", "TimmImageEncoder", "clear_model_cache",
+           "clear_embedding_cache", "embedding_cache_info", "set_embedding_cache"]
 
 _MODELS = {}
 _LOCK = threading.Lock()
@@ -37,9 +40,108 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def clear_model_cache():
-    """Release every model the encoders of this process have loaded."""
+    """Release every model the encoders of this process have loaded.
+
+    The in-process embeddings of those models go too (see
+    :func:`clear_embedding_cache`).
+    """
     with _LOCK:
         _MODELS.clear()
+    clear_embedding_cache()
+
+
+class _ProcessCache:
+    """Embeddings of image files computed in this process, least recently used dropped.
+
+    Keyed by the loaded model and the file's identity (absolute path,
+    modification time, size), so a changed file or another model is a miss.
+    Bounded by the bytes of the rows it holds.
+    """
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.nbytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self.rows = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            row = self.rows.get(key)
+            if row is None:
+                self.misses += 1
+                return None
+            self.rows.move_to_end(key)
+            self.hits += 1
+            return row
+
+    def put(self, key, row):
+        row = np.array(row, dtype=np.float32)  # its own buffer: the batch can be freed
+        row.flags.writeable = False
+        with self.lock:
+            old = self.rows.pop(key, None)
+            self.nbytes -= 0 if old is None else old.nbytes
+            if row.nbytes > self.max_bytes:
+                return
+            self.rows[key] = row
+            self.nbytes += row.nbytes
+            while self.nbytes > self.max_bytes:
+                self.nbytes -= self.rows.popitem(last=False)[1].nbytes
+
+    def resize(self, max_bytes):
+        with self.lock:
+            self.max_bytes = max_bytes
+            while self.nbytes > self.max_bytes:
+                self.nbytes -= self.rows.popitem(last=False)[1].nbytes
+
+    def clear(self):
+        with self.lock:
+            self.rows.clear()
+            self.nbytes = self.hits = self.misses = 0
+
+
+_EMBEDDINGS = _ProcessCache(512 * 2**20)
+
+
+def set_embedding_cache(max_bytes):
+    """Bound the in-process cache of image-file embeddings; 0 switches it off.
+
+    Every image encoder of this process looks an image file up in this
+    cache before encoding it, so that cross-validation and grid search over
+    a :class:`~sklearn.pipeline.Pipeline` that starts with an encoder
+    encode each file once per process, not once per fold and candidate.
+    It holds float32 rows (a 1,280-d embedding is 5 KiB, so the default of
+    512 MiB holds about 100,000 of them) and drops the least recently used
+    first. Files are identified by absolute path, modification time and
+    size; a model by its loaded instance. The on-disk ``cache=`` of each
+    encoder keeps embeddings across processes.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Most bytes of embeddings kept; 0 disables the cache.
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, Integral) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}.")
+    _EMBEDDINGS.resize(int(max_bytes))
+
+
+def clear_embedding_cache():
+    """Empty the in-process cache of image-file embeddings and reset its counters."""
+    _EMBEDDINGS.clear()
+
+
+def embedding_cache_info():
+    """Counters of the in-process embedding cache (as :func:`functools.lru_cache` gives).
+
+    Returns
+    -------
+    info : dict
+        ``hits`` and ``misses`` (file look-ups since the last clear),
+        ``items`` and ``nbytes`` held, and ``max_bytes``.
+    """
+    cache = _EMBEDDINGS
+    with cache.lock:
+        return {"hits": cache.hits, "misses": cache.misses, "items": len(cache.rows),
+                "nbytes": cache.nbytes, "max_bytes": cache.max_bytes}
 
 
 def _shared(key, load):
@@ -64,6 +166,30 @@ def _require(module, extra):
 
 def _is_local(pretrained):
     return pretrained is not None and os.path.exists(os.path.expanduser(str(pretrained)))
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
+
+
+def _check_weights_file(pretrained, encoder):
+    """Raise, saying how to fix it, when `pretrained` names a weights file that is not there.
+
+    A pickled or cloned encoder keeps the path of its weights, not the
+    weights: when the file moves, the error must say where to point it.
+    """
+    if pretrained is None or isinstance(pretrained, bool) or _is_local(pretrained):
+        return
+    text = os.fspath(pretrained)
+    if not (isinstance(pretrained, os.PathLike) or text.lower().endswith(_WEIGHT_SUFFIXES)
+            or (os.sep in text and not text.startswith("hf-hub:"))):
+        return  # a pretrained tag or hub name
+    step = encoder.lower()
+    raise FileNotFoundError(
+        f"The weights file {text!r} of {encoder} does not exist. A pickled or cloned "
+        "encoder keeps the path of its weights, not the weights: if the file moved, point "
+        f"the encoder at its new place with encoder.set_params(pretrained=NEW_PATH), or in "
+        f"a pipeline pipe.set_params({step}__pretrained=NEW_PATH)."
+    )
 
 
 def _check_hub_answers(what, timeout=3.0):
@@ -96,9 +222,10 @@ def _check_hub_answers(what, timeout=3.0):
         ) from None
 
 
-def _load_clip(model_name, pretrained, device, precision):
+def _load_clip(model_name, pretrained, device, precision, encoder="CLIPImageEncoder"):
     """(model, preprocess, tokenizer) of an open_clip model, with errors that say what to do."""
     open_clip = _require("open_clip", "clip")
+    _check_weights_file(pretrained, encoder)
     name = model_name
     source, remote = pretrained, pretrained is not None and not _is_local(pretrained)
     if pretrained is not None and str(pretrained).startswith("hf-hub:"):
@@ -144,11 +271,13 @@ def _describe(item):
 def _image_items(X):
     """The images of `X` as a list, checked without decoding them.
 
-    A list, tuple or 1-d array holds one image per element; a 3-d uint8
-    array is ``n`` greyscale images and a 4-d one ``n`` colour images.
+    A list, tuple, 1-d array or pandas Series holds one image per element
+    (a one-column DataFrame, its column); a 3-d uint8 array is ``n``
+    greyscale images and a 4-d one ``n`` colour images.
     """
     from PIL import Image
 
+    X = _column(X, "images")
     if isinstance(X, (str, Path, Image.Image)):
         raise TypeError(
             "transform() takes a collection of images; wrap a single image in a list."
@@ -217,10 +346,16 @@ def _eight_bit(image):
 
 
 class _Images:
-    """Map-style dataset: decode and preprocess image `i`, naming it on failure."""
+    """Map-style dataset: decode and preprocess image `i`, naming it on failure.
 
-    def __init__(self, items, preprocess):
+    `positions` are the items' places in the caller's input, so an error
+    names the file the user counts (the 8th), not its place among the
+    images left to encode.
+    """
+
+    def __init__(self, items, preprocess, positions=None):
         self.items, self.preprocess = items, preprocess
+        self.positions = range(len(items)) if positions is None else positions
 
     def __len__(self):
         return len(self.items)
@@ -230,9 +365,24 @@ class _Images:
             image = _to_rgb(self.items[i])
         except Exception as error:  # noqa: BLE001 - re-raised naming the image
             raise ValueError(
-                f"Image {i} ({_describe(self.items[i])}) could not be read: {error}"
+                f"Image {self.positions[i]} ({_describe(self.items[i])}) could not be read: "
+                f"{error}"
             ) from error
         return self.preprocess(image)
+
+
+def _file_key(model, path):
+    """What identifies a file's embedding in this process: the model, the file's identity."""
+    path = os.path.abspath(path)
+    stat = os.stat(path)
+    return (id(model), path, stat.st_mtime_ns, stat.st_size)
+
+
+class _Computed:
+    """Where the rows computed by one ``transform`` go: disk entries and process keys."""
+
+    def __init__(self, items, entries, keys, disk):
+        self.items, self.entries, self.keys, self.disk = items, entries, keys, disk
 
 
 class _EmbeddingCache:
@@ -377,9 +527,13 @@ class _ImageEncoder(_Encoder):
     def transform(self, X):
         """Embed images.
 
+        Image files already embedded by this process's model are not
+        encoded again (see :func:`~skmml.encoders.set_embedding_cache`); with
+        ``cache=`` set, neither are those in the on-disk cache.
+
         Parameters
         ----------
-        X : list of images, or array of shape (n, H, W) or (n, H, W, 3)
+        X : list of images, array of shape (n, H, W) or (n, H, W, 3), pandas Series or one-column DataFrame
             File paths (str or :class:`pathlib.Path`), PIL images, or uint8
             arrays of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4, RGBA);
             greyscale is converted to RGB. A single image goes in a list.
@@ -387,30 +541,50 @@ class _ImageEncoder(_Encoder):
         Returns
         -------
         embeddings : ndarray of shape (n, d), float32, unit rows
+            An :class:`~skmml.encoders.Embeddings` array that carries the
+            file path of each row (``sources``) when `X` holds file paths.
         """
         self._validate_params()
         items = _image_items(X)
-        cache = self._cache()
-        if cache is None:
-            return self._encode(items)
-        entries = [cache.path(item) if isinstance(item, (str, Path)) else None for item in items]
-        rows = [None if entry is None else _read_entry(entry) for entry in entries]
-        width = self._fill(rows, [i for i, row in enumerate(rows) if row is None], items,
-                           entries, cache)
-        # An entry of another width than the model's output is corrupt too.
-        widths = [row.shape[0] for row in rows]
-        width = width or cache.width() or max(set(widths), key=widths.count)
-        self._fill(rows, [i for i, w in enumerate(widths) if w != width], items, entries, cache)
-        return np.stack(rows).astype(np.float32, copy=False)
+        sources = [str(item) if isinstance(item, (str, Path)) else None for item in items]
+        model = self._image_model()[0]
+        keys = [None] * len(items)
+        if _EMBEDDINGS.max_bytes:
+            keys = [None if source is None else _file_key(model, source) for source in sources]
+        rows = [None if key is None else _EMBEDDINGS.get(key) for key in keys]
+        disk = self._cache()
+        entries = [None] * len(items)
+        if disk is not None:
+            entries = [None if source is None else disk.path(source) for source in sources]
+            for i, entry in enumerate(entries):
+                if entry is None:
+                    continue
+                if rows[i] is None:
+                    rows[i] = _read_entry(entry)
+                elif not entry.exists():  # known to this process only: keep it across runs
+                    disk.store(entry, rows[i])
+        computed = _Computed(items, entries, keys, disk)
+        width = self._fill(rows, [i for i, row in enumerate(rows) if row is None], computed)
+        if disk is not None:
+            # An entry of another width than the model's output is corrupt too.
+            widths = [row.shape[0] for row in rows]
+            width = width or disk.width() or max(set(widths), key=widths.count)
+            self._fill(rows, [i for i, w in enumerate(widths) if w != width], computed)
+        out = np.stack(rows).astype(np.float32, copy=False)
+        return out if all(source is None for source in sources) else Embeddings(out, sources)
 
-    def _fill(self, rows, todo, items, entries, cache):
-        """Compute the rows at `todo`, store them in the cache; their width, or None."""
+    def _fill(self, rows, todo, computed):
+        """Compute the rows at `todo` and cache them; their width, or None."""
         width = None
-        for i, row in zip(todo, self._encode([items[i] for i in todo]) if todo else ()):
+        if not todo:
+            return width
+        for i, row in zip(todo, self._encode([computed.items[i] for i in todo], todo)):
             rows[i] = row
             width = row.shape[0]
-            if entries[i] is not None:
-                cache.store(entries[i], row)
+            if computed.entries[i] is not None:
+                computed.disk.store(computed.entries[i], row)
+            if computed.keys[i] is not None:
+                _EMBEDDINGS.put(computed.keys[i], row)
         return width
 
     def _cache(self):
@@ -426,12 +600,13 @@ class _ImageEncoder(_Encoder):
             return None
         return _EmbeddingCache(location, self._model_key())
 
-    def _encode(self, items):
+    def _encode(self, items, positions=None):
+        """Embeddings of `items`, which sit at `positions` of the input (for errors)."""
         import torch
 
         model, preprocess, device = self._image_model()
         loader = torch.utils.data.DataLoader(
-            _Images(items, preprocess), batch_size=self.batch_size,
+            _Images(items, preprocess, positions), batch_size=self.batch_size,
             num_workers=self._workers(len(items)), pin_memory=device == "cuda",
         )
         dtype = getattr(torch, _DTYPES[self.precision])
@@ -460,7 +635,7 @@ class _CLIPModel:
     def _clip(self):
         device = resolve_device(self.device)
         return device, _shared(self._model_key() + (device,), lambda: _load_clip(
-            self.model_name, self.pretrained, device, self.precision))
+            self.model_name, self.pretrained, device, self.precision, type(self).__name__))
 
     def _output_width(self):
         return int(self._clip()[1][0].visual.output_dim)
@@ -621,7 +796,8 @@ class CLIPTextEncoder(_CLIPModel, _Encoder):
         Parameters
         ----------
         X : list of str
-            The texts (a 1-d array or pandas Series of str works too).
+            The texts (a 1-d array, a pandas Series or a one-column
+            DataFrame of str works too).
 
         Returns
         -------
@@ -644,7 +820,21 @@ class CLIPTextEncoder(_CLIPModel, _Encoder):
         return out
 
 
+def _column(X, what):
+    """The one column of a DataFrame (iterating a DataFrame gives its column names)."""
+    if hasattr(X, "columns") and hasattr(X, "iloc"):
+        if X.shape[1] != 1:
+            raise ValueError(
+                f"Expected one column of {what}, got a DataFrame with {X.shape[1]} columns "
+                f"{list(X.columns)[:5]}: select the column, e.g. X[{X.columns[0]!r}], or "
+                "use a ColumnTransformer."
+            )
+        return X.iloc[:, 0]
+    return X
+
+
 def _texts(X):
+    X = _column(X, "texts")
     if isinstance(X, str):
         raise TypeError("transform() takes a collection of texts; wrap a single text in a list.")
     try:
@@ -728,9 +918,10 @@ def _load_timm(model_name, pretrained, device, precision):
                 "Without network access, pass a local checkpoint file as `pretrained`."
             ) from error
     else:
+        _check_weights_file(pretrained, "TimmImageEncoder")
         path = os.path.expanduser(str(pretrained))
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No checkpoint file {path!r}.")
+            raise FileNotFoundError(f"The weights {path!r} of TimmImageEncoder are not a file.")
         model = timm.create_model(model_name, pretrained=False)
         _load_state_dict(model, _read_state_dict(path), path)
         model.reset_classifier(0)

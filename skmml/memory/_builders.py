@@ -3,8 +3,9 @@
 :func:`build_memory` encodes dictionaries of class -> items with the given
 encoders; :func:`memory_from_folder` (also :meth:`Memory.from_folder
 <skmml.Memory.from_folder>`) reads the common layout ``root/<class>/*.jpg``
-plus an optional ``root/<class>.txt`` document per class. Everything is
-encoded before the memory is made, so a failure leaves no half-built memory.
+(class folders walked recursively) plus an optional ``root/<class>.txt``
+document per class. Everything is encoded before the memory is made, so a
+failure leaves no half-built memory.
 """
 
 from ._memory import Memory
@@ -59,9 +60,15 @@ def memory_from_folder(root, image_encoder, text_encoder=None,
     Parameters
     ----------
     root : str or path-like
-        One sub-folder of images per class, named for the class; a text file
-        ``<class>.txt`` beside it is that class's document (split into
-        sentences) and is read only when `text_encoder` is given.
+        One sub-folder of images per class, named for the class. It is
+        walked recursively: every image file below ``root/<class>/`` (e.g.
+        ``root/cat/indoor/1.png``) is an item of that class, in the order of
+        its path relative to the class folder; hidden files and folders
+        (``.*``) are skipped. Image files directly in `root` belong to no
+        class: they raise a ValueError when there is no class folder, else a
+        UserWarning says they are ignored. A text file ``<class>.txt`` in
+        `root` is that class's document (split into sentences), read only
+        when `text_encoder` is given.
     image_encoder : transformer
         Encodes the image files, e.g. :class:`~skmml.CLIPImageEncoder`.
     text_encoder : transformer, default=None

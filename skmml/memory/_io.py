@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .._process import is_dead, process_tag
-from .._validation import check_embeddings, check_ids, check_labels, check_nonzero_rows
+from .._validation import check_embeddings, check_ids, check_labels
 from ._bank import MODALITIES, MemoryBank
 
 _FORMAT = "skmml.Memory"
@@ -257,14 +257,15 @@ def load_banks(path, max_bytes):
                 metadata = pd.DataFrame(index=pd.RangeIndex(n))
             if n:
                 embeddings = check_embeddings(embeddings, name=f"{modality} embeddings")
-                check_nonzero_rows(embeddings, name=f"{modality} embeddings")
                 norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings,
                                           dtype=np.float64))
-                off = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
+                # Unit rows, or all-zero ones (kept with similarity 0 to everything).
+                off = np.flatnonzero((np.abs(norms - 1.0) > 1e-3) & (norms != 0.0))
                 if off.size:
                     raise ValueError(
                         f"{modality} embeddings are not of unit norm ({off.size} rows, e.g. "
-                        f"row {off[0]} has norm {norms[off[0]]:.6g}); save() writes unit rows"
+                        f"row {off[0]} has norm {norms[off[0]]:.6g}); save() writes unit "
+                        "or all-zero rows"
                     )
             banks.append(MemoryBank(embeddings, labels, ids, metadata))
     return banks, next_id

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
-                          check_nonzero_rows, l2_normalize)
+                          l2_normalize, warn_zero_rows)
 from ._bank import MODALITIES, MemoryBank, empty_bank
 from ._herding import herding_order
 from ._io import load_banks, remove_stale_tmp, save_banks
@@ -144,9 +144,11 @@ class Memory:
 
     @classmethod
     def from_folder(cls, root, image_encoder, text_encoder=None, extensions=IMAGE_EXTENSIONS):
-        """A memory from ``root/<class>/*.jpg`` and optional ``root/<class>.txt`` documents.
+        """A memory from ``root/<class>/**/*.jpg`` and optional ``root/<class>.txt`` documents.
 
-        See :func:`skmml.memory.memory_from_folder` for the parameters.
+        Every image file below ``root/<class>/``, sub-folders included, is an
+        item of that class. See :func:`skmml.memory.memory_from_folder` for
+        the parameters and the layout.
         """
         images, texts = folder_items(root, text_encoder is not None, extensions)
         return cls(**encoded(images, texts, image_encoder=image_encoder,
@@ -415,7 +417,7 @@ class Memory:
             Naming the file and the problem, for any malformed file: not an
             archive, a missing or extra-large array, a wrong header, labels,
             ids or metadata that do not match the embeddings, duplicate or
-            negative ids, non-finite, all-zero or non-unit embeddings, a
+            negative ids, non-finite embeddings or rows neither of unit norm nor all-zero, a
             ``labels_dtype`` that would change the labels, a member missing
             from or not listed in the header, or one whose content does not
             match its SHA-256 digest in the header; whatever the zip or npy
@@ -449,7 +451,7 @@ def _new_bank(embeddings, labels, ids, metadata, modality, dim, next_id):
         else check_ids(ids, n, name=f"{modality} ids")
     )
     metadata = _check_metadata(metadata, n, f"{modality} metadata")
-    check_nonzero_rows(emb, name=f"{modality} embeddings")
+    warn_zero_rows(emb, name=f"{modality} embeddings")
     return MemoryBank(l2_normalize(emb), labels, ids, metadata)
 
 

@@ -5,6 +5,7 @@ half-built memory. :mod:`skmml.memory._builders` and
 :meth:`Memory.from_folder <skmml.Memory.from_folder>` make the memory.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,20 +78,42 @@ def _labels(labels):
 
 
 def folder_items(root, with_texts=False, extensions=IMAGE_EXTENSIONS):
-    """(images, texts) per class of ``root/<class>/<image files>`` and ``root/<class>.txt``."""
+    """(images, texts) per class of ``root/<class>/**/<image files>`` and ``root/<class>.txt``.
+
+    Each class folder is walked recursively (sub-folders included, sorted by
+    path relative to the class folder); hidden files and folders (``.*``)
+    are skipped. Image files directly in `root` belong to no class: an error
+    when there are no class folders, else a warning that they are ignored.
+    """
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is not a folder.")
     suffixes = tuple(e.lower() for e in extensions)
+
+    def is_image(path):
+        return path.is_file() and path.suffix.lower() in suffixes
+
     images = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)):
+        files = sorted((p for p in folder.rglob("*") if is_image(p)
+                        and not _hidden(*p.relative_to(folder).parts)),
+                       key=lambda p: p.relative_to(folder).as_posix())
         if files:
             images[folder.name] = files
+    loose = [p for p in root.iterdir() if is_image(p) and not _hidden(p.name)]
+    layout = f"root/<class>/*{suffixes[0]}, one sub-folder of images per class"
     if not images:
-        raise ValueError(f"No images in {str(root)!r}: expected root/<class>/*{suffixes[0]}.")
+        found = f"{len(loose)} image files directly in" if loose else "No images in"
+        raise ValueError(f"{found} {str(root)!r}: expected {layout}.")
+    if loose:
+        warnings.warn(f"{len(loose)} image files directly in {str(root)!r} are in no class "
+                      f"folder and are ignored: expected {layout}.", UserWarning, stacklevel=3)
     texts = None
     if with_texts:
         texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted(root.glob("*.txt"))}
         texts = {label: doc for label, doc in texts.items() if split_document(doc)} or None
     return images, texts
+
+
+def _hidden(*names):
+    return any(name.startswith(".") for name in names)

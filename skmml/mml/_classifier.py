@@ -12,14 +12,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from .._machine import bf16_matmul_gain
-from .._state import State, publish, validate_aside, writer_lock
+from .._state import State, publish, writer_lock
 from .._validation import check_n_neighbors, l2_normalize, resolve_device
 from ..backends import MemoryLike
-from ..base import BaseMemoryClassifier
+from ..base import BaseMemoryClassifier, source_metadata
 from ..memory import MODALITIES, Memory, MemoryBank
 from ._heads import IntegrationHead
 from ._prototypes import PROTOTYPE_MODES, class_prototypes
@@ -398,7 +398,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
         with writer_lock(self):
             if not hasattr(self, "_state"):
                 return self._fit(X, y, 1)
-            X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
+            X, y, _ = self._more_input(X, y)
             check_classification_targets(y)
             state = self._state
             _check_trainable(state.backend)
@@ -415,11 +415,12 @@ class MemoryModularClassifier(BaseMemoryClassifier):
         return self
 
     def _fit(self, X, y, max_epochs):
-        (X, y), metadata = validate_aside(self, X, y, dtype=np.float32, order="C")
+        X, y, metadata, sources = self._fit_input(X, y)
         check_classification_targets(y)
         Xn = l2_normalize(X)
         supervised = self.memory is None
-        memory = Memory(Xn, y) if supervised else self.memory
+        memory = (Memory(Xn, y, image_metadata=source_metadata(sources)) if supervised
+                  else self.memory)
         branches = self._resolve_branches(memory)
         if memory.n_features != X.shape[1]:
             raise ValueError(
@@ -705,7 +706,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
         branches = fitted.get("branches_", None if previous is None else previous.branches)
         if support is not None:
             X, y = support
-            X = l2_normalize(validate_data(self, X, reset=False, dtype=np.float32, order="C"))
+            X = l2_normalize(self._more_input(X)[0])
             y = np.asarray(y)
             _check_known(y, backend.classes(MODALITIES))
             support = (X, y)

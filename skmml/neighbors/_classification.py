@@ -7,12 +7,11 @@ import pandas as pd
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import validate_data
 
-from .._state import State, publish, validate_aside, writer_lock
+from .._state import State, publish, writer_lock
 from .._validation import check_n_neighbors
 from ..backends import MemoryLike
-from ..base import BaseMemoryClassifier
+from ..base import BaseMemoryClassifier, source_metadata
 from ..memory import Memory
 from ._pruning import PRUNING_MODES, item_weights, wrong_neighbor_counts
 from ._voting import VOTING_SCHEMES, staged_winners, tally, vote_weights
@@ -184,11 +183,11 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         """
         with writer_lock(self):
             if self.memory is None:
-                (X, y), metadata = validate_aside(self, X, y, dtype=np.float32, order="C")
+                X, y, metadata, sources = self._fit_input(X, y)
                 check_classification_targets(y)
-                backend = self._backend(Memory(X, y))
+                backend = self._backend(Memory(X, y, image_metadata=source_metadata(sources)))
             else:
-                X, metadata = validate_aside(self, X, dtype=np.float32, order="C")
+                X, _, metadata, _ = self._fit_input(X)
                 backend = self._backend(self.memory)
                 if X.shape[1] != backend.n_features:
                     raise ValueError(
@@ -227,19 +226,20 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         with writer_lock(self):
             first = not hasattr(self, "_state")
             if first:
-                (X, y), metadata = validate_aside(self, X, y, dtype=np.float32, order="C")
+                X, y, metadata, sources = self._fit_input(X, y)
             else:
-                X, y = validate_data(self, X, y, reset=False, dtype=np.float32, order="C")
+                X, y, sources = self._more_input(X, y)
             check_classification_targets(y)
             self._check_classes(y, classes)
             if first and self.memory is None:
-                backend = self._backend(Memory(X, y, image_ids=ids))
+                backend = self._backend(Memory(X, y, image_ids=ids,
+                                               image_metadata=source_metadata(sources)))
                 self._adopt(backend, pruning=None, metadata=metadata,
                             added_ids=backend.memory.image.ids)
             else:
                 backend = (self._backend(self.memory) if first
                            else self._state.backend)
-                backend, added = backend.add(X, y, ids)
+                backend, added = backend.add(X, y, ids, source_metadata(sources))
                 self._adopt(backend, added_ids=added,
                             **({"pruning": None, "metadata": metadata} if first else {}))
         return self
@@ -543,12 +543,5 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         # reach a file), renumbered from slot 0: so do the pruning counts.
         return published.replace(
             wrong_counts=published.backend.for_pickle(published.wrong_counts))
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        tags.input_tags.allow_nan = False
-        tags.classifier_tags.multi_label = False
-        return tags
 
 

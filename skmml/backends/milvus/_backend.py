@@ -88,8 +88,8 @@ class MilvusBackend(MemoryBackend):
         return {m: self.memory.n_items(m) - int(gone[code])
                 for m, code in MODALITY_CODES.items()}
 
-    def add(self, X, y, ids=None):
-        ids = self.memory.add(X, y, ids=ids)
+    def add(self, X, y, ids=None, metadata=None):
+        ids = self.memory.add(X, y, ids=ids, metadata=metadata)
         return MilvusBackend(self.memory, self.modalities), ids
 
     def expand(self, memory, reassign_ids=False):

@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..._validation import (check_embeddings, check_ids, check_item_ids, check_labels,
-                           check_nonzero_rows, l2_normalize)
+                           l2_normalize, warn_zero_rows)
 from ...retrieval._exact import tie_order
 from ._backend import MilvusBackend
 from ._connection import (_call_error, _connect, _disconnect, _pymilvus, _resolve, add_note,
@@ -631,7 +631,7 @@ class MilvusMemory:
         if kind != self._label_kind:
             raise ValueError(f"Label type mismatch: the new items have {labels.dtype} labels, "
                              f"{self._where()} holds {self._label_kind} labels.")
-        check_nonzero_rows(emb, name=f"{modality} embeddings")
+        warn_zero_rows(emb, name=f"{modality} embeddings")
         if metadata is None:
             metadata = pd.DataFrame(index=pd.RangeIndex(n))
         metadata = pd.DataFrame(metadata).reset_index(drop=True)
