@@ -1,10 +1,24 @@
 """ExplanationDisplay: a decision explained as a picture of the memory items behind it."""
 
+import math
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.utils import _safe_indexing
+
+from .memory._sources import IMAGE_EXTENSIONS
+
+# The panel grid, in inches: a readable size whatever k is.
+_MAX_COLUMNS = 6
+_CELL_WIDTH = 1.7
+_IMAGE_SIZE = 1.3
+_TITLE_HEIGHT = 0.55   # three title lines at 8 pt above each panel
+_HEADER_HEIGHT = 0.3   # a line above each block of panels
+_TOP_TITLE = 0.45      # the figure title, inside the figure
+_MARGIN = 0.1
+_FONT = 8
 
 
 class ExplanationDisplay:
@@ -12,12 +26,14 @@ class ExplanationDisplay:
 
     Built from a classifier (:meth:`from_estimator`) or from the DataFrame of
     its ``explain`` (:meth:`from_explanation`), as scikit-learn's displays
-    are. With images, :meth:`plot` draws the query and then its neighbors in
-    rank order, each titled with its label, cosine similarity and weight
-    (the vote of :class:`~skmml.KNNVoteClassifier`, or the attention of
-    :class:`~skmml.MemoryModularClassifier`, one row of panels per modality;
-    a text item shows its text). Without images it draws a bar chart of the
-    weights per class.
+    are. With images, :meth:`plot` draws a grid: the query (titled with the
+    prediction), then its highest-ranked neighbors in rank order, wrapping
+    after six panels, each titled with its label, cosine similarity and
+    weight (the vote of :class:`~skmml.KNNVoteClassifier`, or the attention
+    of :class:`~skmml.MemoryModularClassifier`, one labelled block of rows
+    per modality; a text item shows its text). A line above each block says
+    how many of the neighbors are shown. Without images it draws a bar chart
+    of the weights per class.
 
     Parameters
     ----------
@@ -32,9 +48,19 @@ class ExplanationDisplay:
         None uses the metadata column ``"source"`` (set by
         :meth:`~skmml.Memory.from_folder`) when there is one.
     query_image : None, path or array, default=None
-        The query's image, drawn first.
+        The query's image, drawn first. None uses the explanation's
+        ``"query_source"`` column when there is one, else leaves the query
+        panel empty.
     title : str, default=None
-        Figure title.
+        Figure title, drawn inside the figure (kept by a plain ``savefig``).
+    max_neighbors : int or None, default=10
+        Draw at most this many neighbors per modality, the highest-ranked
+        ones, so that a large ``n_neighbors`` stays readable; None draws
+        all. The weights per class of the bar chart always sum all rows.
+    prediction : object, default=None
+        The predicted class, shown in the query panel's title. None takes
+        the class with the largest summed weight over the rows, which is
+        what a vote gives.
 
     Attributes
     ----------
@@ -43,6 +69,8 @@ class ExplanationDisplay:
         The axes the display was drawn in.
     axes_ : list of matplotlib.axes.Axes
         One panel per image (query first), or ``[ax_]`` for the bar chart.
+    prediction_ : object
+        The predicted class shown.
 
     Examples
     --------
@@ -51,50 +79,67 @@ class ExplanationDisplay:
     >>> from sklearn.datasets import load_digits
     >>> from skmml import ExplanationDisplay, KNNVoteClassifier
     >>> X, y = load_digits(return_X_y=True)
-    >>> clf = KNNVoteClassifier(n_neighbors=5).fit(X[:1000], y[:1000])
+    >>> clf = KNNVoteClassifier(n_neighbors=32).fit(X[:1000], y[:1000])
     >>> images = load_digits().images[:1000]          # row i is memory id i
     >>> display = ExplanationDisplay.from_estimator(
     ...     clf, X[1000:1001], images=images, query_image=load_digits().images[1000])
     >>> [ax.get_title().split("\\n")[0] for ax in display.axes_][:3]
     ['query', '#0 label 1', '#1 label 1']
+    >>> print(len(display.axes_), display.prediction_)   # the query, 10 of 32 neighbors
+    11 1
     """
 
-    def __init__(self, explanation, *, images=None, query_image=None, title=None):
+    def __init__(self, explanation, *, images=None, query_image=None, title=None,
+                 max_neighbors=10, prediction=None):
         self.explanation = explanation
         self.images = images
         self.query_image = query_image
         self.title = title
+        self.max_neighbors = max_neighbors
+        self.prediction = prediction
 
     @classmethod
     def from_estimator(cls, estimator, X, *, query=0, images=None, query_image=None,
-                       title=None, ax=None):
+                       title=None, max_neighbors=10, ax=None):
         """Explain one query of `X` with `estimator` and plot it.
 
         Parameters
         ----------
-        estimator : KNNVoteClassifier or MemoryModularClassifier
-            A fitted classifier with an ``explain`` method.
-        X : array-like of shape (n_queries, n_features)
-            Query embeddings.
+        estimator : KNNVoteClassifier, MemoryModularClassifier or Pipeline
+            A fitted classifier with an ``explain`` method, or a pipeline
+            ending in one: the earlier steps transform the query (e.g. encode
+            an image file) before it is explained.
+        X : array-like, list, pandas Series or DataFrame
+            Queries: embeddings, or the pipeline's raw inputs (file paths,
+            PIL images, uint8 image arrays).
         query : int, default=0
             Row of `X` to explain.
-        images, query_image, title
-            See the class parameters.
+        images, query_image, title, max_neighbors
+            See the class parameters. A raw image query (a file path, a PIL
+            image or a uint8 array) is its own query image.
         ax : matplotlib Axes, default=None
             Where to draw; None makes a new figure.
 
         Returns
         -------
         display : ExplanationDisplay
+            ``prediction_`` is ``estimator.predict`` on the query.
         """
-        X = np.asarray(X)
-        explanation = estimator.explain(X[query:query + 1])
+        one = _safe_indexing(X, [query])
+        classifier, transformed = _final_step(estimator, one)
+        if not hasattr(classifier, "explain"):
+            raise TypeError(f"{type(classifier).__name__} has no explain method; pass a "
+                            "skmml classifier or a pipeline ending in one.")
+        explanation = classifier.explain(transformed)
+        if query_image is None:
+            query_image = _as_image(_first(one))
         return cls.from_explanation(explanation, images=images, query_image=query_image,
-                                    title=title, ax=ax)
+                                    title=title, max_neighbors=max_neighbors,
+                                    prediction=estimator.predict(one)[0], ax=ax)
 
     @classmethod
     def from_explanation(cls, explanation, *, query=None, images=None, query_image=None,
-                         title=None, ax=None):
+                         title=None, max_neighbors=10, prediction=None, ax=None):
         """Plot the explanation of one query.
 
         Parameters
@@ -104,8 +149,11 @@ class ExplanationDisplay:
         query : int, default=None
             Which query's rows to plot (the ``query`` column); None needs an
             explanation of one query.
-        images, query_image, title, ax
-            See :meth:`from_estimator`.
+        images, query_image, title, max_neighbors, prediction
+            See the class parameters. A None `prediction` is the class with
+            the largest summed weight, which is what a vote gives.
+        ax : matplotlib Axes, default=None
+            Where to draw; None makes a new figure.
 
         Returns
         -------
@@ -123,7 +171,8 @@ class ExplanationDisplay:
         rows = explanation[explanation["query"] == query]
         if rows.empty:
             raise ValueError(f"The explanation has no rows for query {query!r}.")
-        return cls(rows, images=images, query_image=query_image, title=title).plot(ax=ax)
+        return cls(rows, images=images, query_image=query_image, title=title,
+                   max_neighbors=max_neighbors, prediction=prediction).plot(ax=ax)
 
     # -- drawing -------------------------------------------------------------------------
 
@@ -134,7 +183,7 @@ class ExplanationDisplay:
         ----------
         ax : matplotlib Axes, default=None
             Where to draw (image panels are laid out inside it); None makes a
-            new figure.
+            new figure sized to the panel grid.
 
         Returns
         -------
@@ -142,26 +191,37 @@ class ExplanationDisplay:
         """
         import matplotlib.pyplot as plt
 
+        limit = self.max_neighbors
+        if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
+            raise ValueError(f"max_neighbors must be None or an int >= 1, got {limit!r}.")
         rows = self.explanation
-        value = "weight"
+        self.prediction_ = self.prediction
+        if self.prediction_ is None:  # what a vote gives
+            self.prediction_ = rows.groupby("label")["weight"].sum().idxmax()
         source = self._image_source(rows)
-        several = "modality" in rows and rows["modality"].nunique() > 1
-        branches = list(rows["modality"].unique()) if several else [None]
-        k = int(rows.groupby("modality")["rank"].count().max()) if several else len(rows)
-        if ax is None:
-            if source is None:
-                fig, ax = plt.subplots(figsize=(6, 3.5))
-            else:
-                fig, ax = plt.subplots(figsize=(1.3 * (k + 1), 1.9 * len(branches)))
-        self.figure_, self.ax_ = ax.figure, ax
         if source is None:
-            self._plot_votes(ax, rows, value)
+            if ax is None:
+                _, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+            self.figure_, self.ax_ = ax.figure, ax
+            self._plot_votes(ax, rows)
         else:
-            self._plot_images(ax, rows, value, source, branches, k)
-        if self.title:
-            # Above the panels' own titles (saved whole with bbox_inches="tight").
-            self.figure_.suptitle(self.title, y=1.0 if source is None else 1.12,
-                                  va="bottom" if source is not None else "top")
+            several = "modality" in rows and rows["modality"].nunique() > 1
+            blocks = [(branch if several else None, part.sort_values("rank"))
+                      for branch, part in (rows.groupby("modality", sort=False)
+                                           if several else [(None, rows)])]
+            top = _TOP_TITLE if self.title else 0.0
+            layout = _Grid([len(part) if limit is None else min(limit, len(part))
+                            for _, part in blocks])
+            if ax is None:
+                fig = plt.figure(figsize=(layout.width, layout.height + top))
+                ax = fig.add_axes((0, 0, 1, layout.height / (layout.height + top)))
+            self.figure_, self.ax_ = ax.figure, ax
+            self._plot_images(ax, blocks, source, layout)
+        if self.title:  # inside the figure: a plain savefig keeps it
+            figure = self.figure_
+            where = ({} if figure.get_layout_engine() is not None  # placed by the layout
+                     else {"y": 1 - 0.08 / figure.get_figheight(), "va": "top"})
+            figure.suptitle(self.title, fontsize=11, **where)
         return self
 
     def _image_source(self, rows):
@@ -175,44 +235,135 @@ class ExplanationDisplay:
             if images not in rows:
                 raise ValueError(f"The explanation has no metadata column {images!r}.")
             by_id = {item: value for item, value in zip(rows["id"], rows[images])
-                     if not (isinstance(value, float) and np.isnan(value))}  # e.g. text rows
+                     if not _missing(value)}  # e.g. text rows
             return lambda item: by_id[item]
         return lambda item: images[item]
 
-    def _plot_votes(self, ax, rows, value):
-        votes = rows.groupby("label", sort=True)[value].sum()
+    def _plot_votes(self, ax, rows):
+        votes = rows.groupby("label", sort=True)["weight"].sum()
         bars = ax.bar([str(label) for label in votes.index], votes.to_numpy(), color="C0")
         ax.bar_label(bars, fmt="%.2f")
+        ax.margins(y=0.15)  # room for the labels below the title
         ax.set_xlabel("class")
-        ax.set_ylabel(f"summed {value}")
-        ax.set_title(f"Weights of the {len(rows)} retrieved items per class")
+        ax.set_ylabel("summed weight")
+        ax.set_title(f"Weights of the {len(rows)} retrieved items per class; "
+                     f"predicted: {self.prediction_}", fontsize=10)
         self.axes_ = [ax]
 
-    def _plot_images(self, ax, rows, value, source, branches, k):
+    def _plot_images(self, ax, blocks, source, layout):
         ax.axis("off")
-        n_cols, n_rows = k + 1, len(branches)
-        self.axes_ = []
-        query_panel = ax.inset_axes([0, 1 - 1 / n_rows, 1 / n_cols, 1 / n_rows])
-        _show(query_panel, self.query_image)
-        query_panel.set_title("query", fontsize=8)
-        self.axes_.append(query_panel)
-        for r, branch in enumerate(branches):
-            part = rows if branch is None else rows[rows["modality"] == branch]
-            for c, item in enumerate(part.sort_values("rank").to_dict("records")):
-                panel = ax.inset_axes([(c + 1) / n_cols, 1 - (r + 1) / n_rows,
-                                       1 / n_cols, 1 / n_rows])
-                try:
-                    image = source(item["id"])
-                except (KeyError, IndexError):
-                    image = None
-                text = item.get("text") if image is None else None
-                _show(panel, image, text)
-                name = f"#{int(item['rank'])} label {item['label']}"
+        query_image = self.query_image
+        if query_image is None and "query_source" in self.explanation:
+            known = [v for v in self.explanation["query_source"] if not _missing(v)]
+            query_image = known[0] if known else None
+        query_panel = ax.inset_axes(layout.panel(0, 0))
+        _show(query_panel, query_image)
+        query_panel.set_title(f"query\npredicted: {self.prediction_}", fontsize=_FONT,
+                              fontweight="bold")
+        self.axes_ = [query_panel]
+        for b, (branch, part) in enumerate(blocks):
+            shown = layout.counts[b]
+            x, y = layout.header(b)
+            count = (f"{shown} of {len(part)} neighbors shown" if shown < len(part)
+                     else f"all {shown} neighbors")
+            header = count if branch is None else f"{branch} memory: {count}"
+            ax.text(x, y, header, transform=ax.transAxes, ha="left", va="center",
+                    fontsize=_FONT + 1, fontweight="bold")
+            for c, item in enumerate(part.head(shown).to_dict("records")):
+                panel = ax.inset_axes(layout.panel(b, c + (b == 0)))
+                image = None
+                if item.get("modality") != "text":  # a text item has no image
+                    try:
+                        image = source(item["id"])
+                    except (KeyError, IndexError):
+                        pass
+                _show(panel, image, item.get("text") if image is None else None)
+                name = f"#{int(item['rank'])} label {_short(item['label'])}"
                 if branch is not None:
                     name = f"{branch} {name}"
                 panel.set_title(f"{name}\ncos {item['similarity']:.2f}\n"
-                                f"{value} {item[value]:.2f}", fontsize=7)
+                                f"weight {item['weight']:.2f}", fontsize=_FONT)
                 self.axes_.append(panel)
+
+
+class _Grid:
+    """Panel positions, in axes fractions, of blocks of at most six columns.
+
+    Block ``b`` holds ``counts[b]`` neighbors (and the query first in block
+    0), wrapping onto new rows; sizes are in inches, so a figure of
+    ``width`` x ``height`` shows every panel at the same readable size.
+    """
+
+    def __init__(self, counts):
+        self.counts = counts
+        cells = [n + (b == 0) for b, n in enumerate(counts)]
+        self.columns = min(_MAX_COLUMNS, max(cells))
+        self.rows = [math.ceil(n / self.columns) for n in cells]
+        row_height = _TITLE_HEIGHT + _IMAGE_SIZE
+        # Inches from the top at which each block starts.
+        self.starts = np.cumsum([0] + [_HEADER_HEIGHT + r * row_height for r in self.rows])
+        self.width = 2 * _MARGIN + self.columns * _CELL_WIDTH
+        self.height = self.starts[-1] + _MARGIN
+
+    def header(self, block):
+        """The (x, y) of a block's header line."""
+        return _MARGIN / self.width, 1 - (self.starts[block] + _HEADER_HEIGHT / 2) / self.height
+
+    def panel(self, block, cell):
+        """The [x0, y0, width, height] of a block's cell (row-major)."""
+        row, column = divmod(cell, self.columns)
+        top = (self.starts[block] + _HEADER_HEIGHT + row * (_TITLE_HEIGHT + _IMAGE_SIZE)
+               + _TITLE_HEIGHT)
+        x0 = _MARGIN + column * _CELL_WIDTH + (_CELL_WIDTH - _IMAGE_SIZE) / 2
+        return [x0 / self.width, 1 - (top + _IMAGE_SIZE) / self.height,
+                _IMAGE_SIZE / self.width, _IMAGE_SIZE / self.height]
+
+
+def _final_step(estimator, X):
+    """(classifier, X transformed by the steps before it) of an estimator or pipeline."""
+    from sklearn.pipeline import Pipeline
+
+    steps = getattr(estimator, "steps", None)
+    if not steps:
+        return estimator, X
+    if isinstance(estimator, Pipeline):
+        if len(steps) > 1:
+            X = estimator[:-1].transform(X)
+    else:  # anything else with steps, e.g. imblearn's Pipeline
+        for _, step in steps[:-1]:
+            if step is not None and not (isinstance(step, str) and step == "passthrough"):
+                X = step.transform(X)
+    return _final_step(steps[-1][1], X)
+
+
+def _first(one):
+    """The single element of a one-row selection (list, array, Series, DataFrame)."""
+    if isinstance(one, pd.DataFrame):
+        return one.iloc[0, 0] if one.shape[1] == 1 else None
+    if isinstance(one, pd.Series):
+        return one.iloc[0]
+    return one[0]
+
+
+def _as_image(item):
+    """`item` when a raw query is an image (a path, a PIL image, a uint8 array), else None."""
+    if isinstance(item, (str, Path)):
+        return item if Path(item).suffix.lower() in IMAGE_EXTENSIONS else None
+    if hasattr(item, "getpixel"):  # a PIL image
+        return np.asarray(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and (
+            item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (3, 4))):
+        return item
+    return None
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _short(label, width=16):
+    label = str(label)
+    return label if len(label) <= width else label[:width - 1] + "…"
 
 
 def _show(ax, image, text=None):
@@ -228,6 +379,5 @@ def _show(ax, image, text=None):
         image = np.asarray(image)
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
     elif text is not None:
-        lines = textwrap.wrap(str(text), 18)[:6]
-        ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center",
-                fontsize=6, wrap=True)
+        lines = textwrap.wrap(str(text), 20)[:7]
+        ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=_FONT)
