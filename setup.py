@@ -84,6 +84,7 @@ setup(
         "pillow>=9",
     ],
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["skmml = skmml._cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Intended Audience :: Science/Research",
