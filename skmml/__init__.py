@@ -1,6 +1,7 @@
 """skmml: memory-modular, retrieval-augmented classification for scikit-learn."""
 
 from ._display import ExplanationDisplay
+from ._validation import ZeroEmbeddingWarning
 from .backends import MilvusMemory
 from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder, ZeroShotCLIPClassifier
 from .memory import Memory, MemoryBank, build_memory
@@ -21,6 +22,7 @@ __all__ = [
     "MilvusMemory",
     "NeighborIndex",
     "TimmImageEncoder",
+    "ZeroEmbeddingWarning",
     "ZeroShotCLIPClassifier",
     "__version__",
     "build_memory",

@@ -49,7 +49,7 @@ def test_unit_norm_float32_input_is_kept_without_copy():
 
 
 def test_all_zero_rows_are_kept_with_a_warning_and_queries_of_zeros_stay_zero():
-    from skmml._validation import ZeroEmbeddingWarning
+    from skmml import ZeroEmbeddingWarning
 
     with pytest.warns(ZeroEmbeddingWarning, match="image embeddings has 1 all-zero rows .*row 0"):
         memory = Memory(np.array([[0.0, 0.0], [3.0, 4.0]]), [0, 1])

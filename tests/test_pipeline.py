@@ -20,7 +20,7 @@ from sklearn.preprocessing import FunctionTransformer
 
 import skmml.encoders._encoders as encoders
 from skmml import CLIPImageEncoder, KNNVoteClassifier, Memory, MemoryModularClassifier
-from skmml._validation import ZeroEmbeddingWarning
+from skmml import ZeroEmbeddingWarning
 from skmml.encoders import (Embeddings, clear_embedding_cache, embedding_cache_info,
                             set_embedding_cache)
 from skmml.pipeline import Pipeline, make_pipeline

@@ -255,6 +255,11 @@ class MemoryModularClassifier(BaseMemoryClassifier):
     selection on held-out classes with their own memory rather than on
     held-out images of the training classes.
 
+    Inputs are as for :class:`~skmml.KNNVoteClassifier`: sparse ``X`` is
+    densified, an all-zero row is kept with similarity 0 to everything (and a
+    :class:`~skmml.ZeroEmbeddingWarning`), and the files of encoder output
+    become the ``source`` metadata of the memory that :meth:`fit` builds.
+
     Examples
     --------
     >>> from sklearn.datasets import load_digits
@@ -361,7 +366,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Query (image) embeddings.
         y : array-like of shape (n_samples,)
             Their classes; each must be in the memory.
@@ -382,7 +387,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Query embeddings.
         y : array-like of shape (n_samples,)
             Their classes.
@@ -787,7 +792,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Returns
@@ -803,7 +808,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Returns
@@ -817,7 +822,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Returns
@@ -832,7 +837,7 @@ class MemoryModularClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Returns

@@ -90,6 +90,17 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
     Notes
     -----
+    **Inputs.** ``X`` may be sparse (e.g. TF-IDF): it is densified to
+    float32 on the way in, a block of rows at a time, so the memory costs
+    ``n_samples * n_features * 4`` bytes as for a dense ``X``. An all-zero
+    row (an empty document) is kept, with a
+    :class:`~skmml.ZeroEmbeddingWarning`: as in
+    :func:`sklearn.metrics.pairwise.cosine_similarity`, its similarity to
+    everything is 0. When ``X`` comes from a skmml image encoder
+    (:class:`~skmml.encoders.Embeddings`), the files it was read from become
+    the ``source`` metadata of the items that :meth:`fit` and
+    :meth:`partial_fit` add.
+
     **Ties** between classes go to the class whose weighted vote reached
     the maximum first, scanning neighbors from the nearest (the reference
     code's rule). :meth:`predict` follows this rule;
@@ -171,7 +182,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Embeddings. With ``self.memory`` set, only their dimension is
             checked against it.
         y : array-like of shape (n_samples,)
@@ -209,7 +220,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Embeddings to add.
         y : array-like of shape (n_samples,)
             Their labels.
@@ -421,7 +432,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Returns
@@ -440,7 +451,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Yields
@@ -462,7 +473,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Returns
@@ -487,7 +498,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features), default=None
+        X : {array-like, sparse matrix} of shape (n_queries, n_features), default=None
             Queries. None queries every memory item, excluding itself.
         n_neighbors : int, default=None
             Defaults to ``self.n_neighbors``.
@@ -520,7 +531,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Query embeddings.
 
         Returns
