@@ -36,7 +36,13 @@ classes, k = 32 neighbors, rank voting:
    in its own process: the rise of the peak RSS over the RSS once the data is
    loaded, as a multiple of the raw embedding bytes N * d * 4 (the default
    includes the half-precision copy a screen keeps, 0.5x).
-4. Approximate indexes: classifier accuracy against batched queries/s for
+4. Certified search by stage (``bench_stages``), per format (bf16, and
+   fp32: the same pipeline with a float32 product, so the overhead can be
+   measured on any CPU): seconds of the product alone, the selection, the
+   re-rank and the float32 fallback, their sum, and the overhead ratio
+   (everything but the product) / (the product), beside raw FAISS in the
+   same process; ``--stages-only`` measures this alone.
+5. Approximate indexes: classifier accuracy against batched queries/s for
    exact search, "IVF{nlist},Flat" over an nprobe sweep, "IVF{nlist},SQ8",
    "IVF{nlist},PQ{d/4}x4fs" (fast-scan PQ, d/8 bytes a vector), ScaNN over
    a ``num_leaves_to_search`` sweep and (up to 100,000 items, where its
@@ -70,7 +76,7 @@ import sklearn
 from sklearn.neighbors import KNeighborsClassifier
 
 import skmml
-from skmml import KNNVoteClassifier, Memory
+from skmml import KNNVoteClassifier, Memory, NeighborIndex
 
 D = 512
 N_CLASSES = 1000
@@ -549,6 +555,65 @@ def report_ann(ann, what, repeats):
     return best["speedup"], detail
 
 
+STAGE_FORMATS = ("bf16", "fp32")
+
+
+def bench_stages(cache_dir, n, n_queries, repeats):
+    """Seconds of each stage of certified search, per format, beside raw FAISS.
+
+    The exact index's own search (``screen="bf16"`` and ``screen="fp32"``,
+    the same pipeline with a float32 product) on `n_queries` queries, best
+    of `repeats` rounds interleaved with raw ``faiss.IndexFlatIP.search``;
+    the neighbors are checked against ``screen="off"``.
+    """
+    from skmml.retrieval import _screening as screening
+
+    X, _, Q, _ = load_data(cache_dir, n, n_queries)
+    bank = Memory(X, np.zeros(n, dtype=np.int64)).image
+    raw = faiss.IndexFlatIP(D)
+    raw.add(X)
+    indexes = {f: NeighborIndex("flat", params={"screen": f}, device="cpu").build(bank)
+               for f in (*STAGE_FORMATS, "off")}
+    reference = indexes["off"].search(Q, K)[1]
+    rows, best_faiss = {}, np.inf
+    for f in STAGE_FORMATS:
+        indexes[f].search(Q[:WARMUP_QUERIES], K)  # the low-precision copy is built here
+    for _ in range(repeats):
+        best_faiss = min(best_faiss, _timed(raw.search, Q, K)[0])
+        for f in STAGE_FORMATS:
+            stages = screening.Stages()
+            seconds, (_, slots) = _timed(indexes[f].kind_.search, Q, K, stages)
+            if f not in rows or seconds < rows[f]["total s"]:
+                product = stages.seconds["product"]
+                rest = sum(stages.seconds.values()) - product
+                rows[f] = {"format": f, **{f"{k} s": v for k, v in stages.seconds.items()},
+                           "sum s": sum(stages.seconds.values()), "total s": seconds,
+                           "overhead / product": rest / product,
+                           "candidates / query": stages.candidates / max(stages.queries, 1),
+                           "fallback queries": stages.fallback,
+                           "differing rows": int((slots != reference).any(axis=1).sum())}
+    for row in rows.values():
+        row["vs raw FAISS"] = best_faiss / row["total s"]
+    return pd.DataFrame(rows.values()), best_faiss
+
+
+def report_stages(n, table, best_faiss, n_queries):
+    """Print the stage table of `n` items; summary rows for the overhead target."""
+    print(f"\nCertified search by stage, {n_queries} queries batched (raw FAISS "
+          f"{best_faiss:.3f} s); the overhead is everything but the product:")
+    _print_table(table.set_index("format"), **{c: "{:.3f}" for c in table.columns
+                                                if c.endswith(" s")})
+    rows = []
+    for row in table.to_dict("records"):
+        rows.append([n, f"screen overhead / product ({row['format']})",
+                     f"{row['overhead / product']:.3f}", "<= 0.25",
+                     "PASS" if row["overhead / product"] <= 0.25 else "FAIL"])
+        rows.append([n, f"neighbor rows differing from float32 ({row['format']})",
+                     str(row["differing rows"]), "0",
+                     "PASS" if row["differing rows"] == 0 else "FAIL"])
+    return rows
+
+
 def bench_size(args, n, machine, n_queries, n_single, repeats):
     """Measure and print everything for a memory of `n` items; return summary rows."""
     print(f"\n=== N = {n:,} memory items, d = {D}, {N_CLASSES} classes, k = {K} ===")
@@ -679,6 +744,10 @@ def main():
         "--skip-sklearn", action="store_true", help="leave scikit-learn out"
     )
     parser.add_argument(
+        "--stages-only", action="store_true",
+        help="only the stage breakdown of certified search (and the machine figures)",
+    )
+    parser.add_argument(
         "--skip-real", action="store_true",
         help="leave out the approximate indexes on real embeddings (needs "
              "benchmarks/mml_data.py's Fashion-MNIST features)",
@@ -729,7 +798,14 @@ def main():
 
     summary = []
     for n in sizes:
-        summary += bench_size(args, n, machine, n_queries, n_single, repeats)
+        if not args.stages_only:
+            summary += bench_size(args, n, machine, n_queries, n_single, repeats)
+        else:
+            run_isolated(prepare_data, args.cache_dir, n)
+        table, best_faiss = run_isolated(bench_stages, args.cache_dir, n, n_queries, repeats)
+        summary += report_stages(n, table, best_faiss, n_queries)
+    if args.stages_only:
+        args.skip_real = True
     if not args.skip_real:
         print("\n=== Real embeddings: Fashion-MNIST, EfficientNet-Lite0 (1280-d), "
               "16,000 in memory ===", flush=True)

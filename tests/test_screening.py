@@ -15,7 +15,7 @@ from skmml import KNNVoteClassifier, Memory
 from skmml.retrieval import _screening as screening
 from skmml.retrieval import NeighborIndex
 
-FORMATS = ["fp16", "bf16"]
+FORMATS = ["fp16", "bf16", "fp32"]
 
 
 def _unit(x):
@@ -109,9 +109,8 @@ def test_the_bound_holds_for_every_pair(fmt):
     for kind in ("near_equal", "sparse_large"):
         items, queries = _adversarial(kind, rng)
         bank = Memory(items, np.zeros(len(items), dtype=int)).image
-        view = screening.low_precision_view(bank, fmt)
-        low_q, bound = screening.screen_bound(queries, fmt, view)
-        screened = (low_q @ view[0].T).to(torch.float64).numpy()
+        values, low_q, bound = screening._screen_inputs(queries, bank, fmt)
+        screened = (low_q @ values[:bank.n_slots].T).to(torch.float64).numpy()
         exact = queries.astype(np.float64) @ bank.slot_embeddings.astype(np.float64).T
         error = np.abs(screened - exact).max(axis=1)
         assert np.all(error <= bound)
@@ -142,7 +141,9 @@ def test_the_low_precision_copy_is_half_the_bytes_and_follows_additions():
     copy = store.low_precision["fp16"]
     assert set(store.low_precision) == {"fp16"}
     assert copy.values.element_size() * 2 == store.embeddings.itemsize
-    assert copy.values.shape == store.embeddings.shape and copy.filled == 1020
+    rows = copy.values.shape[0]  # the store's capacity, up to a whole chunk
+    assert rows - screening.CHUNK < store.embeddings.shape[0] <= rows
+    assert copy.values.shape[1] == store.embeddings.shape[1] and copy.filled == 1020
     new = rng.normal(size=(1, 64))
     clf.partial_fit(new, [9])
     assert clf.memory_.image._store is store  # appended in place
@@ -195,7 +196,7 @@ def test_auto_choice_is_measured_once_and_cached_on_disk(tmp_path, monkeypatch):
                         lambda regime, dim: calls.append((regime, dim)) or measure(regime, dim))
     big = screening.AUTO_MIN_ITEMS
     first = screening.screen_format("auto", 1, big, 24)
-    assert first in (None, "fp16", "bf16")
+    assert first in (None, "fp16", "bf16", "fp32")
     assert calls == [("single", 64)]  # measured at the dimension's power-of-two bucket
     assert screening.screen_format("auto", 1, big, 50) == first and len(calls) == 1
     assert screening.screen_format("auto", 5, big, 24) is None  # 2-19 queries: float32
@@ -214,3 +215,31 @@ def test_float16_accumulated_in_float16_is_never_trusted(monkeypatch):
     assert not screening.certified_search(queries, bank, 3, "fp16")[2].any()
     _, slots = NeighborIndex("flat", params={"screen": "fp16"}).build(bank).search(queries, 3)
     np.testing.assert_array_equal(slots, _reference(bank, queries, 3))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_blocks_short_chunks_and_retries_give_the_exact_answer(fmt, monkeypatch):
+    """Many blocks of queries, a short last chunk, dead slots, and certificates that
+    fail at the first candidate count: the answer is float32 search's."""
+    monkeypatch.setattr(screening, "_BLOCK_SCORES", 8 * 4000)  # 8 queries a block
+    rng = np.random.default_rng(8)
+    centers = _unit(rng.normal(size=(20, 48)))
+    # 150 items around each center: their scores crowd within the bound of a query
+    # near the center, so 64 candidates cannot certify and the count must grow.
+    items = _unit(np.repeat(centers, 150, axis=0) + 2e-3 * rng.normal(size=(3000, 48)))
+    extra = _unit(rng.normal(size=(1003, 48)))
+    memory = Memory(np.vstack([items, extra]), np.zeros(4003, dtype=int)).remove(
+        np.arange(5, 4003, 97))
+    bank = memory.image
+    assert bank.n_slots % screening.CHUNK and bank.dead_slots.size
+    queries = _unit(np.vstack([centers[:10] + 1e-3 * rng.normal(size=(10, 48)),
+                               rng.normal(size=(30, 48))]))
+    stages = screening.Stages()
+    index = NeighborIndex("flat", params={"screen": fmt}, device="cpu").build(bank)
+    for k in (1, 32, 100):
+        sims, slots = index.kind_.search(queries, k, stages)
+        np.testing.assert_array_equal(slots, _reference(bank, queries, k))
+    assert stages.queries + stages.fallback >= 3 * len(queries)
+    if fmt != "fp32":  # crowded scores: far more candidates than k for the first queries
+        assert stages.candidates > 10 * 100 * 3
+    assert all(seconds >= 0 for seconds in stages.seconds.values())

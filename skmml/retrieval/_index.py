@@ -35,10 +35,11 @@ class NeighborIndex:
         FAISS search parameters, e.g. ``{"nprobe": 32}`` or
         ``{"efSearch": 256}``, set with :class:`faiss.ParameterSpace`. The
         exact index ("flat") takes ``{"screen": "auto" | "off" | "fp16" |
-        "bf16"}``: certified exact search with a reduced-precision screen
-        (``skmml.retrieval._screening``); "auto" (the default) screens where a
-        one-time measurement found it faster on this machine, "off" always
-        searches in float32. The result is the same either way. "scann"
+        "bf16" | "fp32"}``: certified exact search with a reduced-precision
+        screen (``skmml.retrieval._screening``); "auto" (the default) screens
+        where a one-time measurement found it faster on this machine, "off"
+        always searches in float32, "fp32" runs the screen's pipeline with a
+        float32 product. The result is the same either way. "scann"
         takes ScaNN's build and search settings: ``num_leaves`` (default
         sqrt(n)), ``num_leaves_to_search`` (num_leaves / 10),
         ``training_sample_size``, ``dimensions_per_block`` (2),

@@ -6,6 +6,7 @@ of the bank (copy-on-write: this one keeps serving reads in flight).
 :class:`~skmml.NeighborIndex` chooses the kind from its ``index`` parameter.
 """
 
+import time
 from collections import namedtuple
 
 import numpy as np
@@ -81,15 +82,21 @@ class ExactIndex(IndexKind):
     def raw_search(self, queries, k):
         return exact_search(queries, self.bank, k)
 
-    def search(self, queries, k):
+    def search(self, queries, k, stages=None):
+        """The `k` nearest; `stages` (a :class:`~skmml.retrieval._screening.Stages`)
+        collects the time of each stage of a certified search."""
         fmt = None
         if k < len(self.bank):
             fmt = screen_format(self.screen, queries.shape[0], self.bank.n_slots,
                                 queries.shape[1])
         if fmt is None:
             return super().search(queries, k)
-        sims, rows, done = certified_search(queries, self.bank, k, fmt)
+        sims, rows, done = certified_search(queries, self.bank, k, fmt, stages)
         if not done.all():
+            start = time.perf_counter()
             rest = np.flatnonzero(~done)
             sims[rest], rows[rest] = super().search(queries[rest], k)
+            if stages is not None:
+                stages.add("fallback", time.perf_counter() - start)
+                stages.fallback += rest.size
         return sims, rows
