@@ -41,7 +41,10 @@ classes, k = 32 neighbors, rank voting:
    measured on any CPU): seconds of the product alone, the selection, the
    re-rank and the float32 fallback, their sum, and the overhead ratio
    (everything but the product) / (the product), beside raw FAISS in the
-   same process; ``--stages-only`` measures this alone.
+   same process; then single queries (median of 50, in interleaved runs of
+   10) of raw
+   FAISS with one thread and with all threads, and of the exact index with
+   ``screen`` off, fp16, bf16 and auto. ``--stages-only`` measures this alone.
 5. Approximate indexes: classifier accuracy against batched queries/s for
    exact search, "IVF{nlist},Flat" over an nprobe sweep, "IVF{nlist},SQ8",
    "IVF{nlist},PQ{d/4}x4fs" (fast-scan PQ, d/8 bytes a vector), ScaNN over
@@ -594,15 +597,59 @@ def bench_stages(cache_dir, n, n_queries, repeats):
                            "differing rows": int((slots != reference).any(axis=1).sum())}
     for row in rows.values():
         row["vs raw FAISS"] = best_faiss / row["total s"]
-    return pd.DataFrame(rows.values()), best_faiss
+    return pd.DataFrame(rows.values()), best_faiss, _single_queries(bank, X, Q, indexes)
 
 
-def report_stages(n, table, best_faiss, n_queries):
-    """Print the stage table of `n` items; summary rows for the overhead target."""
+def _single_queries(bank, X, Q, indexes, n=50):
+    """Single-query seconds (median over `n` queries, in interleaved runs of 10) of each search.
+
+    Raw FAISS with one thread and with all threads, and the exact index with
+    ``screen`` off, fp16, bf16 and the default (auto).
+    """
+    threads = faiss.omp_get_max_threads()
+    raw = faiss.IndexFlatIP(D)
+    raw.add(X)
+
+    def faiss_with(n_threads):
+        def search(q):
+            faiss.omp_set_num_threads(n_threads)
+            try:
+                return raw.search(q, K)
+            finally:
+                faiss.omp_set_num_threads(threads)
+        return search
+
+    indexes = {**indexes, "fp16": NeighborIndex("flat", params={"screen": "fp16"},
+                                                 device="cpu").build(bank),
+               "auto": NeighborIndex("flat", device="cpu").build(bank)}
+    methods = {"raw FAISS, 1 thread": faiss_with(1),
+               f"raw FAISS, {threads} threads": faiss_with(threads),
+               **{f"skmml screen={f}": (lambda q, f=f: indexes[f].search(q, K))
+                  for f in ("off", "fp16", "bf16", "auto")}}
+    for search in methods.values():
+        search(Q[:1])  # warm-up (a low-precision copy is built here)
+    # Rounds of 10 consecutive queries per method: FAISS's and torch's OpenMP
+    # threads spin for a while after a parallel region, which slows the other
+    # library's next call, so the first query of each run is not counted.
+    times = {name: [] for name in methods}
+    for start in range(1, n + 1, 10):
+        for name, search in methods.items():
+            run = [_timed(search, Q[i:i + 1])[0] for i in range(start, start + 11)]
+            times[name] += run[1:]
+    best = min(np.median(times[m]) for m in methods if m.startswith("raw FAISS"))
+    return pd.DataFrame([{"method": m, "ms / query": 1e3 * np.median(t),
+                          "vs best FAISS": best / np.median(t)} for m, t in times.items()])
+
+
+def report_stages(n, table, best_faiss, single, n_queries):
+    """Print the stage tables of `n` items; summary rows for the overhead target."""
     print(f"\nCertified search by stage, {n_queries} queries batched (raw FAISS "
           f"{best_faiss:.3f} s); the overhead is everything but the product:")
-    _print_table(table.set_index("format"), **{c: "{:.3f}" for c in table.columns
+    _print_table(table, **{c: "{:.3f}" for c in table.columns
                                                 if c.endswith(" s")})
+    print("\nSingle queries (median of 50, in interleaved runs of 10):")
+    _print_table(single, **{"ms / query": "{:.2f}",
+                                                 "vs best FAISS": "{:.2f}"})
     rows = []
     for row in table.to_dict("records"):
         rows.append([n, f"screen overhead / product ({row['format']})",
@@ -802,8 +849,9 @@ def main():
             summary += bench_size(args, n, machine, n_queries, n_single, repeats)
         else:
             run_isolated(prepare_data, args.cache_dir, n)
-        table, best_faiss = run_isolated(bench_stages, args.cache_dir, n, n_queries, repeats)
-        summary += report_stages(n, table, best_faiss, n_queries)
+        table, best_faiss, single = run_isolated(bench_stages, args.cache_dir, n, n_queries,
+                                                 repeats)
+        summary += report_stages(n, table, best_faiss, single, n_queries)
     if args.stages_only:
         args.skip_real = True
     if not args.skip_real:

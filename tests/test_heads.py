@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from skmml.mml._heads import IntegrationHead, QuickGELU
+from skmml.mml._heads import FoldedHead, IntegrationHead, QuickGELU
 
 
 def test_architecture_is_the_reference_block():
@@ -101,3 +101,40 @@ def test_inference_without_gathers_matches_training_computation():
     torch.testing.assert_close(fast, out.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_attention, attention.detach(), rtol=1e-5, atol=1e-6)
     assert torch.all(fast_attention[~valid] == 0)
+
+
+@pytest.mark.parametrize("residual_init", ["default", "zero"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_folded_head_matches_the_head(residual_init, sparse):
+    torch.manual_seed(0)
+    d = 24
+    head = IntegrationHead(d, residual_init=residual_init).eval()
+    if residual_init == "zero":  # trained gates: non-zero, per channel
+        with torch.no_grad():
+            head.gate_attention.normal_()
+            head.gate_mlp.normal_()
+    query, memory = torch.randn(11, d), torch.randn(40, d)
+    neighbors = torch.randint(0, 40, (11, 6))
+    valid = torch.rand(11, 6) > 0.2
+    valid[3] = False  # a query that found no neighbor attends to nothing
+    with torch.no_grad():
+        out, attention = head(query, *head.project_memory(memory), neighbors, valid,
+                              return_attention=True)
+    folded = head.fold_memory(memory)
+    assert isinstance(folded, FoldedHead)
+    assert all(t.dtype == torch.float32 for t in folded.memory_tensors())
+    fast, fast_attention = folded(query, neighbors, valid, sparse=sparse)
+    torch.testing.assert_close(fast, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_attention, attention, rtol=1e-5, atol=1e-6)
+    assert torch.all(fast_attention[3] == 0)
+    # bfloat16 MLP: its products round to about 2^-8; attention stays float32.
+    half, half_attention = folded(query, neighbors, valid, dtype=torch.bfloat16, sparse=sparse)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half_attention, fast_attention)
+    assert 0 < (half - fast).abs().max() < 0.05 * fast.abs().max()
+    # Under a caller's bfloat16 autocast the cache is float32 all the same.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = head.fold_memory(memory)
+    for a, b in zip(again.memory_tensors(), folded.memory_tensors()):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)

@@ -71,6 +71,31 @@ def test_logits_follow_the_formula_for_trained_heads():
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("residual_init", ["default", "zero"])
+def test_folded_prediction_equals_the_heads_computation(digits, residual_init):
+    # Prediction folds the heads into the memory's cached projections
+    # (FoldedHead); the training path runs the heads as written. Float32
+    # predictions must be the same: probabilities to float32 rounding, classes exactly.
+    X, y = digits
+    clf = MemoryModularClassifier(n_neighbors=16, max_epochs=2, residual_init=residual_init,
+                                  validation_fraction=None, heads_precision="float32",
+                                  heads_device="cpu", random_state=0).fit(X[:500], y[:500])
+    assert clf.best_epoch_ == 2 and not any(clf._state.identity.values())
+    queries = X[500:1500]
+    state, query_set = clf._queries(queries)
+    with torch.no_grad():  # no state: the heads' own forward over projected neighbors
+        reference = clf._logits(state.heads, query_set, np.arange(len(queries))).numpy()
+    e = np.exp(reference - reference.max(axis=1, keepdims=True))
+    proba = clf.predict_proba(queries)
+    np.testing.assert_allclose(proba, e / e.sum(axis=1, keepdims=True), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(clf.predict(queries),
+                                  clf.classes_[reference.argmax(axis=1)])
+    # bfloat16 MLPs: close, and on these queries the same classes.
+    half = clf.set_params(heads_precision="bfloat16").predict_proba(queries)
+    assert np.abs(half - proba).max() < 0.02
+    np.testing.assert_array_equal(half.argmax(axis=1), proba.argmax(axis=1))
+
+
 def test_training_queries_never_retrieve_themselves(monkeypatch, digits):
     X, y = digits
     seen = []
@@ -478,7 +503,9 @@ def test_bfloat16_heads_predict_as_float32_heads_and_auto_follows_the_machine(mo
     explained = clf.explain(X[:2])
     assert np.isfinite(explained["weight"]).all()
     # The cached key / value projections stay float32 whichever precision filled them.
-    assert all(t.dtype == torch.float32 for kv in clf._state.projected.values() for t in kv)
+    assert clf._state.projected
+    assert all(t.dtype == torch.float32 for folded in clf._state.projected.values()
+               for t in folded.memory_tensors())
     for gain, expected in ((0.02, full), (3.0, half)):
         monkeypatch.setattr(mml, "bf16_matmul_gain", lambda gain=gain: gain)
         np.testing.assert_array_equal(

@@ -219,9 +219,10 @@ def test_float16_accumulated_in_float16_is_never_trusted(monkeypatch):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_blocks_short_chunks_and_retries_give_the_exact_answer(fmt, monkeypatch):
-    """Many blocks of queries, a short last chunk, dead slots, and certificates that
-    fail at the first candidate count: the answer is float32 search's."""
+    """Many blocks of queries, products in tiles, a short last chunk, dead slots and
+    crowded scores: the answer is float32 search's."""
     monkeypatch.setattr(screening, "_BLOCK_SCORES", 8 * 4000)  # 8 queries a block
+    monkeypatch.setattr(screening, "_TILE", 1000)  # products in tiles, the last one short
     rng = np.random.default_rng(8)
     centers = _unit(rng.normal(size=(20, 48)))
     # 150 items around each center: their scores crowd within the bound of a query

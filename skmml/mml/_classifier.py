@@ -13,6 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .._machine import bf16_matmul_gain
@@ -203,14 +204,18 @@ class MemoryModularClassifier(BaseMemoryClassifier):
         Where the heads run; "auto" picks CUDA when torch sees a GPU.
     heads_precision : {"auto", "float32", "bfloat16"}, default="auto"
         Arithmetic of the heads' layers at prediction (training is always
-        float32): "bfloat16" runs their matrix products in bfloat16 (float32
-        accumulation; LayerNorms, softmax, the cosines with the prototypes
-        and the cached key / value projections of the memory stay float32).
+        float32). Prediction folds each head's query and output projections
+        into its cached float32 projections of the memory, so per query a
+        head's matrix products are its MLP's: "bfloat16" runs those in
+        bfloat16 (float32 accumulation; the attention, LayerNorms, softmax
+        and the cosines with the prototypes stay float32). Heads that are
+        not folded (``retrieval="none"``, a memory whose search returns the
+        vectors it found) run all their products in bfloat16.
         "auto" chooses bfloat16 for heads on a CPU that multiplies bfloat16
         at least 1.5x faster than float32 (measured once per machine,
         :mod:`skmml._machine`), else float32. Predictions may differ where
         two classes' logits are within bfloat16's rounding (about 0.4% of a
-        logit); ``bench_mml.py`` counts them.
+        logit); ``bench_mml.py`` and ``bench_mml_predict.py`` count them.
     index : str, default="flat"
         Search index of each memory; see :class:`~skmml.NeighborIndex`.
     index_params : dict, default=None
@@ -649,15 +654,18 @@ class MemoryModularClassifier(BaseMemoryClassifier):
             hits += int(np.sum(predicted == queries.codes[batch]))
         return hits / len(queries)
 
-    def _logits(self, heads, queries, batch, state=None, attention=None):
-        """Logits (batch, n_classes) of the queries at `batch`.
+    def _logits(self, heads, queries, batch, state=None, attention=None,
+                dtype=torch.float32):
+        """Logits (batch, n_classes) of the queries at `batch` (indices or a slice).
 
-        With a published `state` (prediction), keys and values are its cached
-        projections of the whole bank and identity heads are skipped (their
-        output is the query, up to scale); otherwise (training) they are
-        projected here once per distinct item the batch retrieves. With
-        `attention` (a dict), each branch's attention weights are appended to
-        its list there.
+        With a published `state` (prediction), identity heads are skipped
+        (their output is the query, up to scale) and a head over the
+        backend's table runs folded into its cached projections of the whole
+        bank (:class:`~skmml.mml._heads.FoldedHead`), its MLP in `dtype`;
+        otherwise (training, or a bank of the vectors a search returned)
+        keys and values are projected here once per distinct item the batch
+        retrieves. With `attention` (a dict), each branch's attention weights
+        are appended to its list there.
         """
         cached = state is not None
         device = next(iter(heads.values())).q_proj.weight.device
@@ -671,28 +679,35 @@ class MemoryModularClassifier(BaseMemoryClassifier):
             valid = None
             if self.retrieval == "none":
                 keys, values = head.project_memory(query)
-                rows = torch.arange(len(batch), device=device)[:, None]
+                rows = torch.arange(len(query), device=device)[:, None]
             else:
                 found = queries.slots[branch][batch]
                 if not np.all(found >= 0):  # an approximate index found fewer than k
                     valid = _as_tensor(found >= 0, device)
                     found = np.maximum(found, 0)
                 if cached and queries.banks[branch] is state.backend.table(branch):
-                    # Slots of the backend's table: its cached projections.
-                    keys, values = _projection(state, branch)
-                    rows = _as_tensor(found, device)
-                else:
-                    unique, inverse = np.unique(found, return_inverse=True)
-                    items = queries.banks[branch].slot_embeddings[unique]
-                    with torch.autocast(device.type, enabled=False):  # float32, as cached
-                        keys, values = head.project_memory(_as_tensor(items, device))
-                    rows = _as_tensor(inverse.reshape(len(batch), -1), device)
+                    # Slots of the backend's table: the head folded into its projections.
+                    folded = _projection(state, branch)
+                    out, weights = folded(query, _as_tensor(found, device), valid, dtype)
+                    z = z + self._branch_logits(out, weights, prototypes, branch, attention)
+                    continue
+                unique, inverse = np.unique(found, return_inverse=True)
+                items = queries.banks[branch].slot_embeddings[unique]
+                with torch.autocast(device.type, enabled=False):  # float32, as cached
+                    keys, values = head.project_memory(_as_tensor(items, device))
+                rows = _as_tensor(inverse.reshape(len(query), -1), device)
             out, weights = head(query, keys, values, rows, valid, return_attention=True)
-            if attention is not None:
-                attention.setdefault(branch, []).append(weights.cpu().numpy())
-            z = z + _similarities(torch.nn.functional.normalize(out.float(), dim=1),
-                                  prototypes)
+            z = z + self._branch_logits(out, weights, prototypes, branch, attention)
         return self.logit_scale * z
+
+    @staticmethod
+    def _branch_logits(out, weights, prototypes, branch, attention):
+        """Cosines of a head's outputs with the prototypes; records `weights` if asked."""
+        if attention is not None:
+            attention.setdefault(branch, []).append(weights.cpu().numpy())
+        with record_function("skmml.mml.prototypes"):
+            return _similarities(torch.nn.functional.normalize(out.float(), dim=1),
+                                 prototypes)
 
     # -- the memory ----------------------------------------------------------------------
 
@@ -767,17 +782,21 @@ class MemoryModularClassifier(BaseMemoryClassifier):
         queries with their neighbors in it (identity heads need none unless explaining)."""
         state, X = self._snapshot(X)
         search = [b for b in state.branches if explain or not state.identity[b]]
-        return state, _QuerySet(X, None, state.view, search, self)
+        with record_function("skmml.mml.search"):
+            return state, _QuerySet(X, None, state.view, search, self)
 
     @torch.no_grad()
     def _all_logits(self, state, queries, attention=None):
         device = next(iter(state.heads.values())).q_proj.weight.device
+        bfloat16 = self._bfloat16_heads(device)
+        dtype = torch.bfloat16 if bfloat16 else torch.float32
         blocks = []
-        with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=self._bfloat16_heads(device)):
+        # Autocast serves the heads that are not folded (retrieval="none", a
+        # bank of searched vectors); folded heads take `dtype` for their MLP.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
             for start in range(0, len(queries), _INFERENCE_BATCH):
-                batch = np.arange(start, min(start + _INFERENCE_BATCH, len(queries)))
-                logits = self._logits(state.heads, queries, batch, state, attention)
+                batch = slice(start, min(start + _INFERENCE_BATCH, len(queries)))
+                logits = self._logits(state.heads, queries, batch, state, attention, dtype)
                 blocks.append(logits.float().cpu().numpy())
         return np.concatenate(blocks)
 
@@ -932,18 +951,20 @@ def _similarities(x, prototypes):
 
 @torch.no_grad()
 def _projection(state, branch):
-    """Keys and values of every item of a branch's bank, computed once per state.
+    """The branch's head folded into every item of its bank, computed once per state.
 
-    Readers fill this cache of the published state lazily; two readers may
-    both compute it, with the same result.
+    A :class:`~skmml.mml._heads.FoldedHead`: the keys and values of the
+    bank with the head's query and output projections folded in (float32,
+    whatever the reader). Readers fill this cache of the published state
+    lazily; two readers may both compute it, with the same result.
     """
     projected = state.projected.get(branch)
     if projected is None:
         head = state.heads[branch]
         device = head.q_proj.weight.device
         items = _as_tensor(state.backend.table(branch).slot_embeddings, device)
-        with torch.autocast(device.type, enabled=False):  # float32, whatever the reader
-            projected = state.projected.setdefault(branch, head.project_memory(items))
+        with record_function("skmml.mml.memory_projection"):
+            projected = state.projected.setdefault(branch, head.fold_memory(items))
     return projected
 
 

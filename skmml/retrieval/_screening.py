@@ -77,6 +77,9 @@ _CONVERT_BLOCK = 1 << 12
 _MIN_GAIN = 1.15
 #: "auto" screens memories of at least this many items.
 AUTO_MIN_ITEMS = 1 << 15
+#: "auto" screens batches of queries against memories of at least this many
+#: items: below it the product is too short for the screen to gain.
+AUTO_MIN_BATCH_ITEMS = 1 << 17
 
 
 def _gamma(d):
@@ -171,8 +174,13 @@ def screen_bound(queries, fmt, view):
     return low, bound * (1 + 1e-9) + d * 2.0**-126 + 2.0**-40
 
 
-#: Most screened scores (queries x slots) one block of queries holds.
-_BLOCK_SCORES = 1 << 26
+#: Most screened scores (queries x slots) one block of queries holds (512 MiB
+#: in a half-precision format).
+_BLOCK_SCORES = 1 << 28
+#: Items per product of a block: a block's product runs tile by tile into
+#: its scores (a large matrix product's output past the caches runs at half
+#: the rate).
+_TILE = 1 << 16
 #: Most queries per block (one matrix product each).
 _MAX_BLOCK = 256
 #: Integer types of the same width as each format: their bit patterns order
@@ -283,6 +291,20 @@ def _select(scores, maxima, k, bound, cap):
     return q[i].numpy(), (chunk[i] * CHUNK + j).numpy(), settled
 
 
+def _product(queries, values):
+    """The screened scores ``queries @ values.T``, tile by tile of :data:`_TILE` items."""
+    if queries.shape[0] == 1:
+        return (values @ queries[0])[None, :]  # the matrix-vector kernel
+    n = values.shape[0]
+    if n <= _TILE:
+        return queries @ values.T
+    scores = torch.empty((queries.shape[0], n), dtype=values.dtype)
+    for start in range(0, n, _TILE):
+        torch.matmul(queries, values[start:start + _TILE].T,
+                     out=scores[:, start:start + _TILE])
+    return scores
+
+
 def _block_size(n_slots):
     """Queries per block: the screened scores of a block stay below :data:`_BLOCK_SCORES`."""
     rows = max(1, _BLOCK_SCORES // max(n_slots, 1))
@@ -325,7 +347,7 @@ def certified_search(queries, bank, k, fmt, stages=None):
     for start in range(0, n, block):
         rows = np.arange(start, min(n, start + block))
         t0 = clock()
-        scores = low_queries[start:rows[-1] + 1] @ values.T
+        scores = _product(low_queries[start:rows[-1] + 1], values)
         t1 = clock()
         if dead.numel():
             scores.index_fill_(1, dead, -torch.inf)
@@ -359,6 +381,16 @@ def _fp16_accumulates_in_float32():
     return get is None or not get()
 
 
+def _multiplies_fast(fmt, dim):
+    """Whether a small matrix product in `fmt` is at least as fast as in float32."""
+    if fmt == "fp32":
+        return True
+    a = torch.randn(64, dim)
+    b = torch.randn(dim, 2048)
+    low_a, low_b = a.to(FORMATS[fmt]), b.to(FORMATS[fmt])
+    return best_time(lambda: low_a @ low_b) <= best_time(lambda: a @ b)
+
+
 def _measure(regime, dim):
     """The fastest format for `regime` ("single" or "batch") at `dim`, or None for float32.
 
@@ -366,8 +398,10 @@ def _measure(regime, dim):
     path a search takes) against float32 exact search on a synthetic memory
     of the regime's shape: 64 MB of float32 items for one query (a
     memory-bound scan, past the caches); for a batch, one full block of
-    queries (:func:`_block_size`, at most 256) against 65,536 items, the
-    smallest memory "auto" screens. Queries lie near items, as retrieval
+    queries (:func:`_block_size`, at most 256) against
+    :data:`AUTO_MIN_BATCH_ITEMS` items, the smallest memory "auto" screens
+    batches of. A format whose small matrix products are slower than
+    float32's (emulated) is not timed for batches. Queries lie near items, as retrieval
     queries do. A format that is not faster is dropped after one call.
     """
 
@@ -378,7 +412,7 @@ def _measure(regime, dim):
     if regime == "single":
         n_items, n_queries = max(4096, (64 << 20) // (4 * dim)), 1
     else:
-        n_items = 2 * AUTO_MIN_ITEMS
+        n_items = AUTO_MIN_BATCH_ITEMS
         n_queries = _block_size(n_items)
     items = rng.standard_normal((n_items, dim), dtype=np.float32)
     items /= np.linalg.norm(items, axis=1, keepdims=True)
@@ -396,6 +430,10 @@ def _measure(regime, dim):
     for fmt in SCREEN_FORMATS:
         if fmt == "fp16" and not _fp16_accumulates_in_float32():
             continue
+        if regime == "batch" and not _multiplies_fast(fmt, dim):
+            continue  # an emulated format: a block's product would take seconds
+        if fmt in FORMATS:
+            low_precision_view(bank, fmt)  # the copy, built once, is not timed
         t = best_time(lambda fmt=fmt: certified_search(queries, bank, 32, fmt),
                       give_up=2 * best)
         if t < best:
@@ -409,9 +447,9 @@ def screen_format(requested, n_queries, n_items, dim):
     `requested` is the exact index's ``screen`` parameter: "off", a format,
     or "auto": a format only where :func:`_measure` found it faster on this
     machine at this dimension (rounded up to a power of two), for memories of
-    at least :data:`AUTO_MIN_ITEMS` items (smaller ones are searched in well
-    under a millisecond), for one query at a time or for batches of at least
-    20 (2 to 19 queries share one float32 pass over the memory, which a
+    at least :data:`AUTO_MIN_ITEMS` items for one query at a time (smaller
+    ones are searched in well under a millisecond), and of at least
+    :data:`AUTO_MIN_BATCH_ITEMS` items for batches of at least 20 (2 to 19 queries share one float32 pass over the memory, which a
     per-query screen does not beat). Measurements are cached in this process
     and on disk (:func:`skmml._machine.cache_path`), keyed by the CPU's flags and the
     library versions (:func:`skmml._machine.measured`).
@@ -421,13 +459,13 @@ def screen_format(requested, n_queries, n_items, dim):
     if requested in SCREEN_FORMATS:
         return requested
 
-    if n_items < AUTO_MIN_ITEMS:
-        return None
     if n_queries == 1:
         regime = "single"
     elif n_queries >= SMALL_BATCH:
         regime = "batch"
     else:
+        return None
+    if n_items < (AUTO_MIN_ITEMS if regime == "single" else AUTO_MIN_BATCH_ITEMS):
         return None
     width = max(64, 1 << (int(dim) - 1).bit_length())
     choice = measured(f"screen-chunks/{regime}/{width}", lambda: _measure(regime, width))
