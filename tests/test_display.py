@@ -299,3 +299,45 @@ def test_from_explanation_prediction_and_query_source(digits, tmp_path):
     np.testing.assert_array_equal(shown[..., 0], (images[1000] * 15).astype(np.uint8))
     bars = ExplanationDisplay.from_explanation(table)
     assert bars.ax_.get_title().endswith(f"predicted: {votes.idxmax()}")
+
+
+class _AlwaysFive:
+    """A re-ranker that answers 5, or raises; counts its calls."""
+
+    batch_size = None
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.calls = 0
+
+    def rerank(self, context):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("no model")
+        return np.full(context.n_queries, 5)
+
+
+def test_both_stages_in_the_query_title(digits):
+    import matplotlib.pyplot as plt
+
+    from skmml import RerankFallbackWarning
+
+    plt.close("all")  # the figures of the tests before
+    X, y, images = digits
+    query = X[1000:1001]  # a 1: the vote says 1, the re-ranker 5
+    reranker = _AlwaysFive()
+    clf = KNNVoteClassifier(n_neighbors=6, reranker=reranker).fit(X[:1000], y[:1000])
+    display = ExplanationDisplay.from_estimator(clf, query, images=images)
+    assert _titles(display)[0] == "query\nvote: 1 / reranked: 5"
+    assert (display.vote_, display.prediction_) == (1, 5)
+    assert reranker.calls == 1  # the answer is read from the explanation, not asked again
+    bars = ExplanationDisplay.from_explanation(clf.explain(query))
+    assert bars.ax_.get_title().endswith("; vote: 1, reranked: 5")
+    clf.set_params(reranker=_AlwaysFive(fail=True))
+    with pytest.warns(RerankFallbackWarning):
+        display = ExplanationDisplay.from_estimator(clf, query, images=images)
+    assert _titles(display)[0] == "query\nvote: 1 / reranked: 1\n(fell back: error)"
+    plain = ExplanationDisplay.from_estimator(clf.set_params(reranker=None), query,
+                                              images=images)
+    assert _titles(plain)[0] == "query\npredicted: 1" and plain.vote_ is None
+    plt.close("all")

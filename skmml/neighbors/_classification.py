@@ -5,15 +5,16 @@ from numbers import Integral, Real
 import numpy as np
 import pandas as pd
 from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 
 from .._state import State, publish, writer_lock
-from .._validation import check_n_neighbors
+from .._validation import check_n_neighbors, sources_of
 from ..backends import MemoryLike
 from ..base import BaseMemoryClassifier, source_metadata
 from ..memory import Memory
 from ._pruning import PRUNING_MODES, item_weights, wrong_neighbor_counts
+from ._rerank import rerank_all
 from ._voting import VOTING_SCHEMES, staged_winners, tally, vote_weights
 
 
@@ -54,7 +55,16 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         and one is present.
     verbose : int, default=0
         Show progress bars on long searches (pruning's memory-vs-memory
-        search, large query sets).
+        search, large query sets) and over re-ranking.
+    reranker : BaseReranker or None, default=None
+        A second stage after the vote (see :ref:`rerank`): it gets each
+        batch of queries with the neighbors that voted and answers in the
+        vote's place in :meth:`predict`, :meth:`predict_proba` and
+        :meth:`explain`, e.g. :class:`~skmml.EmbeddingReranker`
+        or :class:`~skmml.VLMReranker`. Queries for which it
+        raises or gives no valid answer keep the vote, with a
+        :class:`~skmml.RerankFallbackWarning`. None: the vote
+        decides.
     memory : Memory or MilvusMemory, default=None
         A prepared memory. When given, :meth:`fit` uses it as is (its image
         items vote; text items are ignored) and ``X, y`` only check the
@@ -82,6 +92,13 @@ class KNNVoteClassifier(BaseMemoryClassifier):
     pruning_ : dict or None
         Active pruning: ``{"mode", "threshold", "n_neighbors"}``; None when
         off. See :meth:`prune` and :meth:`pruning_report`.
+    rerank_fallbacks_ : dict of str to int
+        With a ``reranker``, the queries of the last re-ranked call that
+        kept the vote, by reason: ``"error"`` (it raised), ``"wrong shape"``,
+        ``"invalid scores"`` (NaN, infinite, negative or all zero), ``"no
+        answer"`` (None), ``"unknown label"`` (not in ``classes_``). Set by
+        every :meth:`predict`, :meth:`predict_proba`, :meth:`explain` (and
+        ``score``) that re-ranks.
 
     See Also
     --------
@@ -146,6 +163,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         "index_params": [dict, None],
         "index_device": [StrOptions({"auto", "cpu", "cuda"})],
         "verbose": ["verbose"],
+        "reranker": [HasMethods(["rerank"]), None],
         "memory": [MemoryLike, None],
     }
 
@@ -161,6 +179,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         index_params=None,
         index_device="auto",
         verbose=0,
+        reranker=None,
         memory=None,
     ):
         self.n_neighbors = n_neighbors
@@ -172,6 +191,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         self.index_params = index_params
         self.index_device = index_device
         self.verbose = verbose
+        self.reranker = reranker
         self.memory = memory
 
     # -- building the memory ---------------------------------------------------------
@@ -375,15 +395,16 @@ class KNNVoteClassifier(BaseMemoryClassifier):
     # -- prediction --------------------------------------------------------------------
 
     def _search(self, X, k=None):
-        """(state, neighbors): one snapshot for the whole read."""
+        """(state, unit queries, neighbors): one snapshot for the whole read."""
         state, X = self._snapshot(X)
         k = self.n_neighbors if k is None else k
         check_n_neighbors(k, state.backend.n_items())
-        return state, state.backend.search(X, k, verbose=bool(self.verbose))
+        return state, X, state.backend.search(X, k, verbose=bool(self.verbose))
 
     def _vote(self, state, neighbors):
-        """Class codes, final vote weights and per-prefix winners of each query.
+        """Class codes, final vote weights, per-prefix winners and voters of each query.
 
+        The voters are the neighbors that vote (the re-ranker's candidates).
         A neighbor whose class is not in the state's class list (an item a
         concurrent writer put into a shared Milvus collection, with a new
         class the state has not published yet) counts as not found.
@@ -402,6 +423,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         if state.pruning is not None and not hard:
             weights *= item_weight
         winners = staged_winners(codes, weights, kept)
+        voters = kept
         if hard:
             # Where a prefix holds only excluded items, exclusion is off for it.
             off = np.cumsum(kept, axis=1) == 0
@@ -413,7 +435,9 @@ class KNNVoteClassifier(BaseMemoryClassifier):
                 )
                 final_off = need[off[need, -1]]
                 weights[final_off] = self._weights(sims[final_off], found[final_off])
-        return codes, weights, winners
+                voters = kept.copy()
+                voters[final_off] = found[final_off]
+        return codes, weights, winners, voters
 
     def _weights(self, sims, kept):
         ranks = np.cumsum(kept, axis=1) - 1
@@ -427,8 +451,46 @@ class KNNVoteClassifier(BaseMemoryClassifier):
     def _winning_codes(codes, winners):
         return codes[np.arange(codes.shape[0])[:, None], np.maximum(winners, 0)]
 
+    @staticmethod
+    def _vote_proba(codes, weights, vote_codes, n_classes):
+        """Votes per class normalised; all-zero rows give their vote probability one."""
+        votes = tally(codes, weights, n_classes)
+        total = votes.sum(axis=1)
+        empty = total == 0
+        if empty.any():
+            votes[empty] = 0.0
+            votes[np.flatnonzero(empty), vote_codes[empty]] = 1.0
+            total[empty] = 1.0
+        return votes / total[:, None]
+
+    def _decide(self, X, proba=False):
+        """Both stages for `X`: (state, neighbors, weights, vote codes, vote proba, second).
+
+        The vote's proba is None unless asked for or re-ranking; `second`
+        the re-ranker's :class:`~skmml.neighbors._rerank.SecondStage`, None
+        without a re-ranker. A call that re-ranks sets ``rerank_fallbacks_``
+        and warns when queries fell back.
+        """
+        sources = sources_of(X)  # before validation turns X into a plain array
+        state, queries, neighbors = self._search(X)
+        codes, weights, winners, voters = self._vote(state, neighbors)
+        vote = self._winning_codes(codes, winners[:, -1:])[:, 0]
+        vote_proba = second = None
+        if proba or self.reranker is not None:
+            vote_proba = self._vote_proba(codes, weights, vote, len(state.classes))
+        if self.reranker is not None:
+            second = rerank_all(self.reranker, state=state, queries=queries, sources=sources,
+                                neighbors=neighbors, weights=weights, voters=voters,
+                                vote_codes=vote, vote_proba=vote_proba,
+                                verbose=bool(self.verbose))
+            self.rerank_fallbacks_ = second.counts
+            second.warn()
+        return state, neighbors, weights, vote, vote_proba, second
+
     def predict(self, X):
         """Predict the class of each query by the weighted vote of its neighbors.
+
+        With a ``reranker``, its answer, or the vote where it fell back.
 
         Parameters
         ----------
@@ -439,15 +501,15 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         -------
         y : ndarray of shape (n_queries,)
         """
-        state, neighbors = self._search(X)
-        codes, _, winners = self._vote(state, neighbors)
-        return state.classes[self._winning_codes(codes, winners[:, -1:])[:, 0]]
+        state, _, _, vote, _, second = self._decide(X)
+        return state.classes[vote if second is None else second.codes]
 
     def staged_predict(self, X):
         """Predictions for every ``k = 1 .. n_neighbors`` from one neighbor search.
 
         Use it to choose ``k`` without searching again: the ``j``-th yielded
-        array equals ``predict(X)`` with ``n_neighbors=j``.
+        array equals ``predict(X)`` with ``n_neighbors=j`` (the vote: a
+        ``reranker`` does not take part).
 
         Parameters
         ----------
@@ -459,8 +521,8 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         y : ndarray of shape (n_queries,)
             Predictions with the ``k`` nearest neighbors, for ``k = 1, 2, ...``.
         """
-        state, neighbors = self._search(X)
-        codes, _, winners = self._vote(state, neighbors)
+        state, _, neighbors = self._search(X)
+        codes, _, winners, _ = self._vote(state, neighbors)
         labels = state.classes[self._winning_codes(codes, winners)]
         for k in range(labels.shape[1]):
             yield labels[:, k]
@@ -469,7 +531,9 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         """Votes per class, normalised to sum to one.
 
         A query whose neighbors all have zero weight gets probability one
-        for its predicted class (its nearest neighbor's).
+        for its predicted class (its nearest neighbor's). With a
+        ``reranker``: its scores normalised to sum to one (probability one
+        for a label it answers), or the votes where it fell back.
 
         Parameters
         ----------
@@ -481,17 +545,8 @@ class KNNVoteClassifier(BaseMemoryClassifier):
         proba : ndarray of shape (n_queries, n_classes)
             Columns follow ``classes_``.
         """
-        state, neighbors = self._search(X)
-        codes, weights, winners = self._vote(state, neighbors)
-        votes = tally(codes, weights, len(state.classes))
-        total = votes.sum(axis=1)
-        empty = total == 0
-        if empty.any():
-            best = self._winning_codes(codes[empty], winners[empty, -1:])[:, 0]
-            votes[empty] = 0.0
-            votes[np.flatnonzero(empty), best] = 1.0
-            total[empty] = 1.0
-        return votes / total[:, None]
+        _, _, _, _, proba, second = self._decide(X, proba=True)
+        return proba if second is None else second.proba
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """Find the nearest memory items of each query (scikit-learn semantics).
@@ -522,7 +577,7 @@ class KNNVoteClassifier(BaseMemoryClassifier):
             sims = np.concatenate([nb.sims for nb in batches])
             ids = np.concatenate([nb.ids for nb in batches])
         else:
-            _, neighbors = self._search(X, k)
+            _, _, neighbors = self._search(X, k)
             sims, ids = neighbors.sims, neighbors.ids
         return (1.0 - sims, ids) if return_distance else ids
 
@@ -541,11 +596,21 @@ class KNNVoteClassifier(BaseMemoryClassifier):
             (0-based search rank), ``id``, ``label``, ``similarity``
             (cosine), ``weight`` (the vote it cast; 0 for an item excluded
             by hard pruning), then the item's metadata columns: the schema
-            of every skmml classifier.
+            of every skmml classifier. With a ``reranker``, both stages, per
+            query on each of its rows: ``vote_label`` (the first stage's
+            answer), ``reranked_label`` (the final answer, what
+            :meth:`predict` gives) and ``rerank_fallback`` (why the query
+            kept the vote, see ``rerank_fallbacks_``; missing where the
+            re-ranker answered).
         """
-        state, neighbors = self._search(X)
-        _, weights, _ = self._vote(state, neighbors)
-        return self._explain_frame(state.backend, "image", neighbors, weights)
+        state, neighbors, weights, vote, _, second = self._decide(X)
+        table = self._explain_frame(state.backend, "image", neighbors, weights)
+        if second is not None:
+            query = table["query"].to_numpy()
+            table["vote_label"] = state.classes[vote][query]
+            table["reranked_label"] = state.classes[second.codes][query]
+            table["rerank_fallback"] = second.fallbacks[query]
+        return table
 
     def _state_for_pickle(self, published):
         if published.pruning is None:
